@@ -1,0 +1,17 @@
+"""fastadapt: meta-learning for PyTorch on a task-vectorised functional engine.
+
+Example:
+    >>> import fastadapt
+    >>> from fastadapt.nn import Conv4
+    >>> maml = fastadapt.MAML(Conv4.omniglot(ways=5), inner_lr=0.4, inner_steps=1)
+"""
+
+from .algorithms import ANIL, FOMAML, MAML, GradientLearner, MetaSGD, ProtoNet
+from .data import Episode, EpisodeSampler, SinusoidTasks, TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANIL", "FOMAML", "MAML", "GradientLearner", "MetaSGD", "ProtoNet",
+    "Episode", "EpisodeSampler", "SinusoidTasks", "TaskBatch", "__version__",
+]

@@ -1,0 +1,128 @@
+"""N-way K-shot Q-query episode sampling over any labelled dataset, deterministic from (seed, index)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .episodes import Episode, TaskBatch
+
+__all__ = ["TaskSource", "EpisodeSampler", "episode_rng"]
+
+
+class TaskSource(Protocol):
+    """Anything that yields episode `i` as a pure function of its seed and `i` (samplers, sinusoid)."""
+
+    seed: int
+
+    def episode(self, index: int) -> Episode: ...
+
+    def task_batch(self, start: int, size: int) -> TaskBatch: ...
+
+
+def episode_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of episode `index`: the same on every run, process and machine.
+
+    Example:
+        >>> episode_rng(0, 3).integers(100) == episode_rng(0, 3).integers(100)
+        True
+    """
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and episode index must be non-negative, got seed={seed}, index={index}")
+    return np.random.default_rng([seed, index])
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class EpisodeSampler:
+    """Samples N-way K-shot Q-query classification episodes from a labelled dataset.
+
+    The class index is built once. Episode `i` draws `ways` distinct classes and, per class,
+    `shots + queries` distinct examples, all from `episode_rng(seed, i)`; the chosen classes get
+    labels 0..ways-1 in the (random) order they were drawn. Support and query never share an example.
+
+    `dataset` is anything with `__len__` and `__getitem__` returning `(x, label)`; an
+    `ImageClassDataset` (or anything with `labels` and `gather(indices)`) is served in one batched op.
+
+    Example:
+        >>> from fastadapt.data import ImageClassDataset
+        >>> ds = ImageClassDataset(torch.zeros(40, 1, 8, 8, dtype=torch.uint8), torch.arange(40) // 4)
+        >>> ep = EpisodeSampler(ds, ways=5, shots=1, queries=3, seed=0).episode(0)
+        >>> ep.support_x.shape, ep.query_y.tolist()[:4]
+        (torch.Size([5, 1, 8, 8]), [0, 0, 0, 1])
+    """
+
+    def __init__(self, dataset: Any, ways: int, shots: int, queries: int, seed: int = 0) -> None:
+        self.ways = _positive("ways", ways)
+        self.shots = _positive("shots", shots)
+        self.queries = _positive("queries", queries)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.dataset = dataset
+        labels = _labels_of(dataset)
+        classes, inverse = np.unique(labels, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        counts = np.bincount(inverse, minlength=len(classes))
+        self._members = np.split(order, np.cumsum(counts)[:-1])
+        if self.ways > len(classes):
+            raise ValueError(f"ways={self.ways} exceeds the {len(classes)} classes available in the dataset")
+        need = self.shots + self.queries
+        smallest = int(counts.argmin())
+        if need > counts[smallest]:
+            raise ValueError(
+                f"shots + queries = {self.shots} + {self.queries} = {need} exceeds the {int(counts[smallest])} "
+                f"examples of class {classes[smallest]!r} (every class needs at least {need})"
+            )
+
+    def episode_indices(self, index: int) -> tuple[Tensor, Tensor]:
+        """Dataset indices of episode `index`: support `(ways*shots,)` and query `(ways*queries,)`, class-major."""
+        rng = episode_rng(self.seed, index)
+        chosen = rng.choice(len(self._members), size=self.ways, replace=False)
+        need = self.shots + self.queries
+        picks = np.stack([rng.choice(self._members[c], size=need, replace=False) for c in chosen])
+        return torch.from_numpy(picks[:, : self.shots].reshape(-1)), torch.from_numpy(picks[:, self.shots :].reshape(-1))
+
+    def episode(self, index: int) -> Episode:
+        """Episode `index` (a pure function of the seed and `index`)."""
+        return self.task_batch(index, 1)[0]
+
+    def task_batch(self, start: int, size: int) -> TaskBatch:
+        """Episodes `start .. start+size-1` stacked into a `TaskBatch`, gathered in one op."""
+        pairs = [self.episode_indices(i) for i in range(start, start + size)]
+        support = torch.stack([s for s, _ in pairs])
+        query = torch.stack([q for _, q in pairs])
+        every = torch.cat([support.reshape(-1), query.reshape(-1)])
+        x = _gather(self.dataset, every)
+        n_support = support.numel()
+        support_y = torch.arange(self.ways).repeat_interleave(self.shots).expand(size, -1)
+        query_y = torch.arange(self.ways).repeat_interleave(self.queries).expand(size, -1)
+        return TaskBatch(
+            x[:n_support].reshape(size, support.shape[1], *x.shape[1:]),
+            support_y.contiguous(),
+            x[n_support:].reshape(size, query.shape[1], *x.shape[1:]),
+            query_y.contiguous(),
+        )
+
+
+def _labels_of(dataset: Any) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"dataset labels must be a non-empty 1-d sequence, got shape {labels.shape}")
+    return labels
+
+
+def _gather(dataset: Any, indices: Tensor) -> Tensor:
+    if hasattr(dataset, "gather"):
+        return dataset.gather(indices)
+    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in indices])

@@ -1,0 +1,159 @@
+"""The engine's meta-gradients against a plain per-task reference loop, in float64.
+
+This is what catches wrong second-order gradients (for instance torch.func.vmap through
+training-mode BatchNorm, ../shared/notes/repro_vmap_batchnorm.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fastadapt import ANIL, FOMAML, MAML, MetaSGD, TaskBatch
+from fastadapt.nn import MLP, Conv4
+
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _image_batch(tasks=3, ways=3, shots=2, queries=4, size=16, seed=0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    y_s = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
+    y_q = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1)
+    return TaskBatch(
+        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64),
+        y_s.contiguous(),
+        torch.rand(tasks, ways * queries, 1, size, size, generator=g, dtype=torch.float64),
+        y_q.contiguous(),
+    )
+
+
+def _conv4(seed=0) -> Conv4:
+    torch.manual_seed(seed)
+    model = Conv4(in_channels=1, ways=3, hidden=6, image_size=16).double()
+    with torch.no_grad():  # BN weights away from 1 so per-parameter second-order terms are exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def reference_meta_grad(learner, batch, loss=F.cross_entropy):
+    """Plain per-task loop with torch.autograd.grad: the definition of the meta-gradient."""
+    model = learner.model
+    params = dict(model.named_parameters())
+    sizes = learner.step_sizes()
+    total = 0.0
+    for t in range(len(batch)):
+        p = dict(params)
+        for _ in range(learner.inner_steps):
+            inner = loss(functional_call(model, p, (batch.support_x[t],)), batch.support_y[t])
+            names = list(sizes)
+            grads = torch.autograd.grad(inner, [p[n] for n in names], create_graph=not learner.first_order)
+            for n, g in zip(names, grads):
+                p[n] = p[n] - sizes[n] * (g.detach() if learner.first_order else g)
+        total = total + loss(functional_call(model, p, (batch.query_x[t],)), batch.query_y[t])
+    trainable = [q for q in learner.parameters() if q.requires_grad]
+    return torch.autograd.grad(total / len(batch), trainable, allow_unused=True)
+
+
+def engine_meta_grad(learner, batch):
+    learner.zero_grad(set_to_none=True)
+    loss, _ = learner.meta_loss(batch)
+    loss.backward()
+    return [q.grad for q in learner.parameters() if q.requires_grad]
+
+
+def assert_close(engine, reference, tol=1e-9):
+    assert len(engine) == len(reference)
+    for e, r in zip(engine, reference):
+        r = torch.zeros_like(e) if r is None else r
+        rel = (e - r).norm() / r.norm().clamp_min(1e-300)
+        assert rel <= tol, f"relative difference {rel:.3e} > {tol}"
+
+
+LEARNERS = {
+    "maml-1": lambda m, ex: MAML(m, inner_lr=0.3, inner_steps=1, execution=ex),
+    "maml-5": lambda m, ex: MAML(m, inner_lr=0.1, inner_steps=5, execution=ex),
+    "fomaml-2": lambda m, ex: FOMAML(m, inner_lr=0.3, inner_steps=2, execution=ex),
+    "metasgd-2": lambda m, ex: MetaSGD(m, inner_lr=0.2, inner_steps=2, execution=ex),
+    "anil-3": lambda m, ex: ANIL(m, inner_lr=0.3, inner_steps=3, execution=ex),
+}
+
+
+@pytest.mark.parametrize("execution", ["loop", "graph"])
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_conv4_batchnorm_meta_gradient_matches_reference(name, execution):
+    learner = LEARNERS[name](_conv4(), execution)
+    batch = _image_batch()
+    if name.startswith("metasgd"):  # learned rates away from their shared start value
+        with torch.no_grad():
+            for r in learner.inner_lrs:
+                r.mul_(torch.empty_like(r).uniform_(0.5, 1.5))
+    assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch))
+
+
+def test_default_execution_for_conv4_is_exact_loop():
+    assert MAML(_conv4()).execution == "loop"
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_mlp_vmap_meta_gradient_matches_reference(name):
+    torch.manual_seed(1)
+    learner = LEARNERS[name](MLP(1, [16, 16], 1).double(), "auto")
+    assert learner.execution == "vmap"
+    learner.task = "regression"
+    g = torch.Generator().manual_seed(3)
+    batch = TaskBatch(*(torch.randn(4, 6, 1, generator=g) for _ in range(4)))
+    assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch, F.mse_loss))
+
+
+def test_second_order_maml_matches_central_finite_differences():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    learner = MAML(model, inner_lr=0.5, inner_steps=2, task="regression", execution="loop")
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 5, 2, generator=g), torch.randn(2, 5, 1, generator=g),
+                      torch.randn(2, 7, 2, generator=g), torch.randn(2, 7, 1, generator=g))
+    analytic = torch.cat([gr.flatten() for gr in engine_meta_grad(learner, batch)])
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    eps, numeric = 1e-6, torch.empty_like(flat)
+    for i in range(flat.numel()):
+        values = []
+        for sign in (1, -1):
+            shifted = flat.clone()
+            shifted[i] += sign * eps
+            torch.nn.utils.vector_to_parameters(shifted, model.parameters())
+            with torch.no_grad():
+                values.append(learner.meta_loss(batch)[0])
+        numeric[i] = (values[0] - values[1]) / (2 * eps)
+    torch.nn.utils.vector_to_parameters(flat, model.parameters())
+    assert (analytic - numeric).abs().max() <= 1e-7 * max(1.0, numeric.abs().max())
+    first_order = FOMAML(model, inner_lr=0.5, inner_steps=2, task="regression", execution="loop")
+    fo = torch.cat([gr.flatten() for gr in engine_meta_grad(first_order, batch)])
+    assert (fo - numeric).abs().max() > 1e-4  # the test can tell first from second order
+
+
+def test_meta_loss_leaves_the_user_module_untouched():
+    model = _conv4()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = MAML(model, inner_lr=0.3, inner_steps=2)
+    learner.meta_loss(_image_batch())[0].backward()
+    learner.adapt(_image_batch()[0].support_x, _image_batch()[0].support_y)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_vmap_is_refused_for_batchnorm_models():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        MAML(_conv4(), execution="vmap")
