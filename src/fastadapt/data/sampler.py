@@ -79,7 +79,7 @@ class EpisodeSampler:
         if need > counts[smallest]:
             raise ValueError(
                 f"shots + queries = {self.shots} + {self.queries} = {need} exceeds the {int(counts[smallest])} "
-                f"examples of class {classes[smallest]!r} (every class needs at least {need})"
+                f"examples of class {classes[smallest].item()!r} (every class needs at least {need})"
             )
 
     def episode_indices(self, index: int) -> tuple[Tensor, Tensor]:
