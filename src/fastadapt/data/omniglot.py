@@ -208,9 +208,11 @@ def _archive_md5(info: OmniglotArchive, path: Path, *, download: bool, base_url:
 
 
 def _bad_archive(path: Path, what: str) -> ValueError:
+    info = OMNIGLOT_ARCHIVES.get(path.name)
+    source = info.url if info is not None else "the official release"
     return ValueError(
         f"Omniglot archive {path} is corrupt or not in the expected layout: {what}. "
-        f"Delete it and re-download it (download=True, or from the official URL)."
+        f"Delete it and re-download it (download=True, or from {source})."
     )
 
 
