@@ -62,13 +62,17 @@ def inner_adapt(
     else:
         frozen_for_grad = frozen
 
-    def support_loss(trainable: Params) -> Tensor:
-        return loss_fn(forward(model, {**frozen_for_grad, **trainable}, x), y)
+    # Buffers go in as explicit inputs: a BatchNorm that tracks running statistics updates them in
+    # place (train mode, as in ordinary PyTorch training), which torch.func.grad only allows for inputs.
+    buffers = dict(model.named_buffers())
+
+    def support_loss(trainable: Params, buffers: Params) -> Tensor:
+        return loss_fn(forward(model, {**frozen_for_grad, **buffers, **trainable}, x), y)
 
     first_loss = None
     for _ in range(steps):
         point = {name: p.detach() for name, p in adapted.items()} if first_order else adapted
-        grads, loss = grad_and_value(support_loss)(point)
+        grads, loss = grad_and_value(support_loss)(point, buffers)
         if first_loss is None:
             first_loss = loss
         adapted = {name: p - step_sizes[name] * grads[name] for name, p in adapted.items()}

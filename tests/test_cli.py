@@ -1,0 +1,59 @@
+"""The command line: the embedded default's output and results.json, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastadapt.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastadapt.cli", *args], capture_output=True, text=True)
+
+
+def test_run_on_sinusoid_writes_results_json(tmp_path, capsys):
+    main(["run", "--iterations", "30", "--eval-episodes", "20", "--seed", "3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "pre-adaptation mse" in printed and "post-adaptation mse" in printed
+    assert "95% CI over 20 episodes" in printed
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["metric"] == "mse" and result["episodes"] == 20 and result["seed"] == 3
+    assert result["config"]["algo"] == "maml" and result["config"]["dataset"] == "sinusoid"
+    assert result["ci95"] > 0 and result["wall_time_s"] > 0
+    assert set(result["metrics"]) == {"loss", "loss_before"}
+
+
+def test_same_seed_same_numbers(tmp_path):
+    for name in ("a", "b"):
+        main(["run", "--iterations", "10", "--eval-episodes", "10", "--out", str(tmp_path / name)])
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("a", "b"))
+    assert a["mean"] == b["mean"] and a["ci95"] == b["ci95"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shots", "0"], "argument --shots: expected a positive integer, got 0"),
+        (["--inner-lr", "abc"], "argument --inner-lr: expected a positive number, got 'abc'"),
+        (["--algo", "reptile"], "argument --algo: invalid choice: 'reptile'"),
+        (["--eval-episodes", "1"], "--eval-episodes must be >= 2"),
+        (["--algo", "protonet"], "protonet needs a classification dataset"),
+    ],
+)
+def test_bad_flags_give_one_clear_line(args, message, tmp_path):
+    done = _run("run", "--out", str(tmp_path), *args)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_omniglot_names_the_path_and_the_fix(tmp_path):
+    done = _run("run", "--dataset", "omniglot", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert str(tmp_path / "nowhere" / "omniglot") in done.stderr
+    assert "FASTADAPT_DATA" in done.stderr
