@@ -112,6 +112,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings.setdefault("train_ways", settings["ways"])
     if args.eval_inner_steps is None:  # at least as many steps at test time as in training
         settings["eval_inner_steps"] = max(settings["inner_steps"], settings.get("eval_inner_steps", 1))
+    if settings["algo"] == "protonet":  # no inner loop
+        for key in ("inner_steps", "eval_inner_steps", "inner_lr"):
+            settings.pop(key)
     if settings["eval_episodes"] < 2:
         raise SystemExit("fastadapt: error: --eval-episodes must be >= 2 for a confidence interval")
     if args.dataset == "sinusoid" and settings["algo"] in ("protonet",):
