@@ -14,8 +14,6 @@ from torch.func import functional_call
 from fastadapt import ANIL, FOMAML, MAML, MetaSGD, TaskBatch
 from fastadapt.nn import MLP, Conv4
 
-torch.set_default_dtype(torch.float64)
-
 
 @pytest.fixture(autouse=True)
 def _float64():
