@@ -10,8 +10,6 @@ float64 agreement of the two meta-gradients (the comparison is void unless they 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from torch.func import functional_call
 
 from fastadapt import MAML, TaskBatch
 from fastadapt.nn import Conv4
+from interleaved import interleaved_rates, report
 
 
 def plain_loop_meta_grad(model, batch, inner_lr, steps):
@@ -74,24 +73,11 @@ def main() -> None:
     batch = random_batch(args.meta_batch, args.ways, args.shots, args.queries, torch.float32)
     runs = {"plain loop": lambda: plain_loop_meta_grad(model, batch, 0.4, args.steps),
             "fastadapt": lambda: engine_meta_grad(learner, batch)}
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            fn()
-            rates[name].append(args.meta_batch / (time.perf_counter() - start))
+    rates = interleaved_rates(runs, args.meta_batch, args.repeats, lambda: model.zero_grad(set_to_none=True))
     print(f"Conv4 {args.ways}w{args.shots}s, {args.queries} queries, {args.steps} inner step(s), meta-batch "
           f"{args.meta_batch}, second order, {args.threads} threads, torch {torch.__version__}")
     print(f"float64 meta-gradient agreement (max relative difference): {agreement:.2e}")
-    for name, values in rates.items():
-        print(f"{name:>10}: {statistics.median(values):7.1f} tasks/s (min {min(values):.1f}, max {max(values):.1f})")
-    ratios = [f / p for f, p in zip(rates["fastadapt"], rates["plain loop"])]
-    print(f"fastadapt / plain loop, per interleaved repeat: median {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
-
+    report(rates, "tasks", "fastadapt", "plain loop")
 
 if __name__ == "__main__":
     main()

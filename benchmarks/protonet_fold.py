@@ -9,13 +9,12 @@ the meta-loss. Prints episodes/s (median, min-max) and the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from fastadapt import ProtoNet, TaskBatch
 from fastadapt.nn import Conv4
+from interleaved import interleaved_rates, report
 
 
 def step(net: ProtoNet, batch: TaskBatch) -> None:
@@ -39,22 +38,10 @@ def main() -> None:
                       torch.arange(w).repeat_interleave(k).expand(n, -1).contiguous(),
                       torch.rand(n, w * q, 1, 28, 28, generator=g),
                       torch.arange(w).repeat_interleave(q).expand(n, -1).contiguous())
-    rates: dict[str, list[float]] = {name: [] for name in nets}
-    for net in nets.values():  # warm-up
-        step(net, batch)
-    for _ in range(args.repeats):
-        for name, net in nets.items():
-            net.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            step(net, batch)
-            rates[name].append(n / (time.perf_counter() - start))
+    runs = {name: (lambda net=net: step(net, batch)) for name, net in nets.items()}
+    rates = interleaved_rates(runs, n, args.repeats, lambda: encoder.zero_grad(set_to_none=True))
     print(f"ProtoNet Conv4 {w}w{k}s, {q} queries, meta-batch {n}, {torch.get_num_threads()} threads")
-    for name, values in rates.items():
-        print(f"{name:>17}: {statistics.median(values):7.1f} episodes/s (min {min(values):.1f}, max {max(values):.1f})")
-    ratios = [f / p for f, p in zip(rates["folded"], rates["per-episode loop"])]
-    print(f"folded / loop per interleaved repeat: median {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
-
+    report(rates, "episodes", "folded", "per-episode loop")
 
 if __name__ == "__main__":
     main()

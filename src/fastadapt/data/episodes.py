@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -28,12 +28,7 @@ class Episode:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Episode":
         """Moves the tensors; `dtype` applies to the inputs `x` only (labels keep theirs)."""
-        return Episode(
-            self.support_x.to(device=device, dtype=dtype),
-            self.support_y.to(device=device),
-            self.query_x.to(device=device, dtype=dtype),
-            self.query_y.to(device=device),
-        )
+        return _moved(self, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -77,12 +72,16 @@ class TaskBatch:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TaskBatch":
         """Moves the tensors; `dtype` applies to the inputs `x` only (labels keep theirs)."""
-        return TaskBatch(
-            self.support_x.to(device=device, dtype=dtype),
-            self.support_y.to(device=device),
-            self.query_x.to(device=device, dtype=dtype),
-            self.query_y.to(device=device),
-        )
+        return _moved(self, device, dtype)
 
 
 _FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def _moved(item: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    return type(item)(
+        item.support_x.to(device=device, dtype=dtype),
+        item.support_y.to(device=device),
+        item.query_x.to(device=device, dtype=dtype),
+        item.query_y.to(device=device),
+    )
