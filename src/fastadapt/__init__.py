@@ -6,12 +6,14 @@ Example:
     >>> maml = fastadapt.MAML(Conv4.omniglot(ways=5), inner_lr=0.4, inner_steps=1)
 """
 
-from .algorithms import ANIL, FOMAML, MAML, GradientLearner, MetaSGD, ProtoNet
-from .data import Episode, EpisodeSampler, SinusoidTasks, TaskBatch
-
 __version__ = "0.1.0"
+
+from .algorithms import ANIL, FOMAML, MAML, GradientLearner, MetaSGD, ProtoNet  # noqa: E402
+from .api import evaluate, train  # noqa: E402
+from .data import Episode, EpisodeSampler, SinusoidTasks, TaskBatch  # noqa: E402
+from .training.config import Config  # noqa: E402
 
 __all__ = [
     "ANIL", "FOMAML", "MAML", "GradientLearner", "MetaSGD", "ProtoNet",
-    "Episode", "EpisodeSampler", "SinusoidTasks", "TaskBatch", "__version__",
+    "Episode", "EpisodeSampler", "SinusoidTasks", "TaskBatch", "Config", "train", "evaluate", "__version__",
 ]

@@ -1,4 +1,9 @@
-"""The command line: `fastadapt run` meta-trains and evaluates one configuration.
+"""The command line.
+
+    fastadapt run [flags]                         meta-train and test one configuration from flags
+    fastadapt train RECIPE [--set k=v] [--out D]  the same from a YAML recipe; --resume D continues D
+    fastadapt eval RUN_DIR [--shots K ...]        evaluate a trained run on fixed test episodes
+    fastadapt report RUN_DIR [RUN_DIR ...]        plots and a comparison table
 
 Bare `fastadapt run` is the embedded default: MAML on sinusoid regression, under 2 minutes on 2 CPU
 cores, reporting the query MSE before and after adaptation.
@@ -7,43 +12,38 @@ cores, reporting the query MSE before and after adaptation.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import Any, Callable, Sequence
 
 from . import __version__
-from .algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet
-from .data import EpisodeSampler, SinusoidTasks
-from .io import write_json
-from .nn import MLP, Conv4
-from .train import evaluate, meta_train
+from .api import evaluate, train
+from .training.checkpoint import CheckpointError
+from .training.config import ALGORITHMS, DATASETS, Config, ConfigError, parse_overrides
 
 __all__ = ["main", "build_parser"]
 
-ALGORITHMS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "protonet": ProtoNet}
-
-# Defaults for every flag left unset, per dataset and then per algorithm. These are the settings
-# behind docs/results.md. Omniglot MAML follows Finn et al. 2017 and learn2learn's example: one
-# inner step of 0.4, meta-batch 32, one query per class while training, three inner steps at test.
-# ProtoNet follows Snell et al. 2017 in training with more ways (20) than it is tested on.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "sinusoid": dict(algo="maml", ways=1, shots=10, queries=10, inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
-                     meta_batch=25, iterations=10000, eval_episodes=1000, eval_queries=100),
-    "omniglot": dict(algo="maml", ways=5, shots=1, queries=1, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-                     meta_lr=3e-3, meta_batch=32, iterations=1050, eval_episodes=1000, eval_queries=15),
+# `fastadapt run` defaults, per dataset and then per algorithm, for every flag left unset: the
+# settings behind docs/results.md. Omniglot MAML follows Finn et al. 2017 and learn2learn's
+# example (one inner step of 0.4, meta-batch 32, one query per class in training, three inner
+# steps at test); ProtoNet follows Snell et al. 2017 in training with more ways (20) than tested.
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sinusoid": dict(backbone="mlp", shots=10, queries=10, eval_queries=100, inner_steps=1, inner_lr=0.01,
+                     meta_lr=1e-3, meta_batch=25, iterations=10000, eval_episodes=1000),
+    "omniglot": dict(backbone="conv4", ways=5, shots=1, queries=1, eval_queries=15, inner_steps=1,
+                     eval_inner_steps=3, inner_lr=0.4, meta_lr=3e-3, meta_batch=32, iterations=1050,
+                     eval_episodes=1000),
 }
 ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("omniglot", "protonet"): dict(train_ways=20, queries=5, meta_lr=1e-3, meta_batch=1, iterations=2500),
 }
+# flag name (argparse dest) -> config key, where they differ
+_FLAG_KEYS = {"algo": "algorithm"}
 
 
-def _checked(cast: type, accept: Any, expected: str) -> Any:
+def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
     """An argparse type: `cast` the text, then require `accept(value)`; errors say what was expected."""
 
     def parse(text: str) -> Any:
@@ -67,21 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastadapt", description="Meta-learning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastadapt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
     run = commands.add_parser("run", help="meta-train, then evaluate on fixed test episodes",
-                              description="Meta-train, then evaluate on fixed test episodes. "
-                              "Unset flags take the defaults of the dataset and algorithm (DEFAULTS in fastadapt/cli.py), "
-                              "the settings behind docs/results.md.")
-    run.add_argument("--algo", choices=sorted(ALGORITHMS))
-    run.add_argument("--dataset", choices=sorted(DEFAULTS), default="sinusoid")
-    run.add_argument("--ways", type=_positive_int, help="classes per episode (omniglot)")
-    run.add_argument("--train-ways", type=_positive_int, help="classes per training episode (default: --ways)")
+                              description="Meta-train, then evaluate on fixed test episodes. Unset flags take the "
+                              "defaults of the dataset and algorithm (RUN_DEFAULTS in fastadapt/cli.py), the "
+                              "settings behind docs/results.md.")
+    run.add_argument("--algo", choices=ALGORITHMS, default="maml")
+    run.add_argument("--dataset", choices=DATASETS, default="sinusoid")
+    run.add_argument("--ways", type=_positive_int, help="classes per test episode (omniglot)")
+    run.add_argument("--train-ways", type=_positive_int, help="classes per training episode (protonet; default: --ways)")
     run.add_argument("--shots", type=_positive_int, help="support examples per class")
     run.add_argument("--queries", type=_positive_int, help="query examples per class in training episodes")
     run.add_argument("--eval-queries", type=_positive_int, help="query examples per class in test episodes")
     run.add_argument("--inner-steps", type=_positive_int, help="inner SGD steps (training)")
-    run.add_argument("--eval-inner-steps", type=_positive_int, help="inner SGD steps at test time (default: --inner-steps)")
+    run.add_argument("--eval-inner-steps", type=_positive_int, help="inner SGD steps at test time")
     run.add_argument("--inner-lr", type=_positive_float)
-    run.add_argument("--meta-lr", type=_positive_float, help="Adam learning rate of the outer loop")
+    run.add_argument("--meta-lr", type=_positive_float, help="learning rate of the outer optimizer (Adam)")
     run.add_argument("--meta-batch", type=_positive_int, help="tasks per outer step")
     run.add_argument("--iterations", type=_positive_int, help="outer steps")
     run.add_argument("--eval-episodes", type=_positive_int, help="fixed test episodes (>= 2)")
@@ -89,107 +90,119 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and training episodes")
     run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
-    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="where results.json goes")
+    run.add_argument("--out", type=Path, help="run directory (default: runs/run-<date>-<time>)")
+
+    recipe = commands.add_parser("train", help="meta-train and test from a YAML recipe",
+                                 description="Meta-train and test from a YAML recipe (see recipes/).")
+    recipe.add_argument("recipe", nargs="?", type=Path, help="the recipe (not needed with --resume)")
+    recipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one recipe key, e.g. --set shots=5 (repeatable)")
+    recipe.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
+    recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+
+    ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--episodes", type=_positive_int, default=1000, help="test episodes (default 1000)")
+    ev.add_argument("--ways", type=_positive_int)
+    ev.add_argument("--shots", type=_positive_int)
+    ev.add_argument("--queries", type=_positive_int)
+    ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
+
+    rep = commands.add_parser("report", help="plots and a Markdown table comparing runs")
+    rep.add_argument("run_dirs", type=Path, nargs="+")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
     return parser
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(DEFAULTS[args.dataset])
-    settings.update(ALGORITHM_DEFAULTS.get((args.dataset, args.algo or settings["algo"]), {}))
-    for key, value in vars(args).items():
-        if value is not None and key not in ("command", "out"):
-            settings[key] = value
-    settings.setdefault("train_ways", settings["ways"])
-    if args.eval_inner_steps is None:  # at least as many steps at test time as in training
-        settings["eval_inner_steps"] = max(settings["inner_steps"], settings.get("eval_inner_steps", 1))
-    if settings["algo"] == "protonet":  # no inner loop
-        for key in ("inner_steps", "eval_inner_steps", "inner_lr"):
-            settings.pop(key)
-    if settings["eval_episodes"] < 2:
-        raise SystemExit("fastadapt: error: --eval-episodes must be >= 2 for a confidence interval")
-    if args.dataset == "sinusoid" and settings["algo"] in ("protonet",):
-        raise SystemExit("fastadapt: error: --algo protonet needs a classification dataset; sinusoid is regression")
-    return settings
+def _run_config(args: argparse.Namespace) -> Config:
+    values = dict(RUN_DEFAULTS[args.dataset])
+    values.update(ALGORITHM_DEFAULTS.get((args.dataset, args.algo), {}))
+    given = {_FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if v is not None and k not in ("command", "out")}
+    if "inner_steps" in given and "eval_inner_steps" not in given:  # at least as many steps at test time
+        given["eval_inner_steps"] = max(given["inner_steps"], values.get("eval_inner_steps", 1))
+    values = {**values, **given}
+    values["log_every"] = max(1, values["iterations"] // 20)
+    return Config.from_dict(values)
 
 
-def _build(settings: dict[str, Any]):
-    """The learner and the train/test task sources for these settings."""
-    torch.manual_seed(settings["seed"])
-    algo = settings["algo"]
-    if settings["dataset"] == "sinusoid":
-        model, kind = MLP(1, [40, 40], 1), "regression"
-        train = SinusoidTasks(settings["shots"], settings["queries"], seed=settings["seed"])
-        test = SinusoidTasks(settings["shots"], settings["eval_queries"], seed=10_000 + settings["eval_seed"])
-    else:
-        from .data.omniglot import omniglot_splits
+def _printer(config: Config) -> Callable[[dict[str, Any]], None]:
+    def show(row: dict[str, Any]) -> None:
+        parts = [f"{row['phase']:<10} step {row['step']:>6}/{config.iterations}", f"loss {row['loss']:.4f}"]
+        if row["accuracy"] is not None:
+            parts.append(f"accuracy {row['accuracy']:.4f}")
+        if row["tasks_per_s"] is not None:
+            parts.append(f"{row['tasks_per_s']:.1f} tasks/s")
+        print("  ".join(parts), flush=True)
 
-        splits = omniglot_splits(settings.get("data_root"))
-        kind = "classification"
-        model = Conv4.omniglot(ways=None if algo == "protonet" else settings["ways"])
-        train = EpisodeSampler(splits["train"], settings["train_ways"], settings["shots"], settings["queries"], seed=settings["seed"])
-        test = EpisodeSampler(splits["test"], settings["ways"], settings["shots"], settings["eval_queries"], seed=settings["eval_seed"])
-        if algo != "protonet" and settings["train_ways"] != settings["ways"]:
-            raise SystemExit("fastadapt: error: --train-ways differs from --ways, which only protonet supports")
-    if algo == "protonet":
-        learner = ProtoNet(model)
-    else:
-        learner = ALGORITHMS[algo](model, inner_lr=settings["inner_lr"], inner_steps=settings["inner_steps"], task=kind)
-    return learner, train, test
+    return show
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = _settings(args)
-    if settings.get("threads"):
-        torch.set_num_threads(settings["threads"])
-    started = time.perf_counter()
-    try:
-        learner, train, test = _build(settings)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"fastadapt: error: {error}") from None
-    print(f"fastadapt {__version__}: {settings['algo']} on {settings['dataset']} "
-          f"({settings['ways']}-way {settings['shots']}-shot)" if settings["dataset"] != "sinusoid"
-          else f"fastadapt {__version__}: {settings['algo']} on sinusoid regression ({settings['shots']} shots)",
-          flush=True)
+def _summary(results: dict[str, Any], run_dir: Path) -> None:
+    if results["metric"] == "mse":
+        before, after = results["metrics"]["loss_before"], results["metrics"]["loss"]
+        print(f"pre-adaptation mse {before['mean']:.4f} +- {before['ci95']:.4f}  ->  post-adaptation mse "
+              f"{after['mean']:.4f} +- {after['ci95']:.4f}  (95% CI, {results['episodes']} test episodes)")
+    print(f"test {results['metric']}: {results['mean']:.4f} +- {results['ci95']:.4f} (95% CI over "
+          f"{results['episodes']} episodes)  wall time {results['wall_time_s']:.1f} s  -> {run_dir / 'results.json'}")
 
-    def progress(step: int, row: dict[str, float]) -> None:
-        rate = step * settings["meta_batch"] / (time.perf_counter() - train_start)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items())
-        print(f"step {step:>6}/{settings['iterations']}  {shown}  {rate:.1f} tasks/s", flush=True)
 
-    train_start = time.perf_counter()
-    meta_train(learner, train, iterations=settings["iterations"], meta_batch=settings["meta_batch"],
-               meta_lr=settings["meta_lr"], on_step=progress, log_every=max(1, settings["iterations"] // 20))
-    train_seconds = time.perf_counter() - train_start
-    estimates = evaluate(learner, test, settings["eval_episodes"], inner_steps=settings.get("eval_inner_steps"))
-    metric = "accuracy" if "accuracy" in estimates else "loss"
-    result = {
-        "metric": metric if metric == "accuracy" else "mse",
-        "mean": estimates[metric].mean,
-        "ci95": estimates[metric].ci95,
-        "episodes": estimates[metric].episodes,
-        "seed": settings["seed"],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
-        "wall_time_s": time.perf_counter() - started,
-        "train_time_s": train_seconds,
-        "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
-        "versions": {"fastadapt": __version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", result)
-    if metric == "loss":
-        before = estimates["loss_before"]
-        print(f"pre-adaptation mse {before}  ->  post-adaptation mse {estimates['loss']}  "
-              f"(95% CI, {before.episodes} test episodes)")
-    print(f"test {result['metric']}: {result['mean']:.4f} +- {result['ci95']:.4f} (95% CI over "
-          f"{result['episodes']} episodes)  wall time {result['wall_time_s']:.1f} s  -> {args.out / 'results.json'}")
-    return result
+def _train(config: Config | None, run_dir: Path, resume: bool) -> None:
+    from .training.trainer import Trainer
+    from .io import read_json
+
+    if resume:
+        config = Config.from_dict(read_json(run_dir / "config.json")) if (run_dir / "config.json").is_file() else None
+        if config is None:
+            raise CheckpointError(f"nothing to resume in {run_dir}: no config.json (not a run directory)")
+    assert config is not None
+    interactive = sys.stderr.isatty()
+    print(f"fastadapt {__version__}: {config.algorithm} on {config.dataset} "
+          + (f"({config.ways}-way {config.shots}-shot)" if config.task == "classification" else f"({config.shots} shots)")
+          + f"  -> {run_dir}", flush=True)
+    trainer = Trainer(config, run_dir, progress=interactive, on_row=None if interactive else _printer(config))
+    _summary(trainer.fit(resume=resume), run_dir)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        out = args.out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+        _train(_run_config(args), out, resume=False)
+    elif args.command == "train":
+        if args.resume is not None:
+            if args.recipe is not None or args.overrides:
+                raise ConfigError("--resume continues a run with its own config: give no recipe or --set")
+            _train(None, args.resume, resume=True)
+            return
+        if args.recipe is None:
+            raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
+        from .api import default_run_dir, resolve_config
+
+        config = resolve_config(args.recipe, parse_overrides(args.overrides))
+        _train(config, args.out or default_run_dir(config), resume=False)
+    elif args.command == "eval":
+        for steps in args.inner_steps or [None]:
+            result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
+                              queries=args.queries, inner_steps=steps)
+            ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
+            label = f"{ways}{result['shots']}-shot" + (
+                f", {result['inner_steps']} inner steps" if result["inner_steps"] else "")
+            print(f"{label}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
+                  f"(95% CI over {result['episodes']} episodes)")
+    elif args.command == "report":
+        from .training.report import write_report
+
+        files = write_report(args.run_dirs, args.out)
+        print(f"report written to {args.out}: " + ", ".join(str(p.name) for p in files.paths))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        run(args)
+    try:
+        _dispatch(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError) as error:
+        print(f"fastadapt: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,104 @@
+"""The Python API, mirroring the command line: `fastadapt.train(...)` and `fastadapt.evaluate(...)`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .io import read_json, write_json
+from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
+from .training.config import Config, ConfigError, load_recipe
+from .training.evaluate import evaluate as evaluate_learner
+from .training.experiment import build_learner, test_source
+from .training.trainer import Trainer
+
+__all__ = ["train", "evaluate", "resolve_config"]
+
+PathLike = str | os.PathLike[str]
+
+
+def resolve_config(config: Config | Mapping[str, Any] | PathLike, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A `Config` from a config, a mapping of keys, or a recipe path; `overrides` win."""
+    if isinstance(config, Config):
+        return config.replace(**overrides) if overrides else config
+    if isinstance(config, Mapping):
+        return Config.from_dict({**config, **(overrides or {})})
+    return load_recipe(config, overrides)
+
+
+def default_run_dir(config: Config) -> Path:
+    name = config.name or f"{config.algorithm}-{config.dataset}-{config.ways}w{config.shots}s-seed{config.seed}"
+    return Path("runs") / name
+
+
+def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,
+          resume: bool = False, overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Meta-trains and tests one config in a run directory; returns what `results.json` holds.
+
+    `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
+
+    Example:
+        >>> import fastadapt
+        >>> results = fastadapt.train({"iterations": 50, "eval_episodes": 20}, "/tmp/run", progress=False)  # doctest: +SKIP
+        >>> results["metric"], results["episodes"]  # doctest: +SKIP
+        ('mse', 20)
+    """
+    if resume:
+        if out is None:
+            raise ConfigError("resume needs the run directory (out=...)")
+        saved = Path(out) / "config.json"
+        if not saved.is_file():
+            raise CheckpointError(f"nothing to resume in {out}: no config.json (not a run directory)")
+        resolved = Config.from_dict(read_json(saved))
+    else:
+        if config is None:
+            raise ConfigError("train needs a config, a mapping of config keys, or a recipe path")
+        resolved = resolve_config(config, overrides)
+    run_dir = Path(out) if out is not None else default_run_dir(resolved)
+    return Trainer(resolved, run_dir, progress=progress).fit(resume=resume)
+
+
+def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
+             queries: int | None = None, inner_steps: int | None = None) -> dict[str, Any]:
+    """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes.
+
+    Other ways / shots / inner steps than in training are allowed where the model permits (a MAML
+    head has `ways` outputs; ProtoNet takes any). Writes `RUN_DIR/evals/<...>.json` and returns it.
+
+    Example:
+        >>> fastadapt.evaluate("runs/protonet-omniglot", shots=5, episodes=1000)["mean"]  # doctest: +SKIP
+        0.99...
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: config.json is missing")
+    config = Config.from_dict(read_json(run_dir / "config.json"))
+    if episodes < 2:
+        raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
+    if ways is not None and ways != config.ways and config.algorithm != "protonet":
+        raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
+                          f"outputs; it cannot be evaluated {ways}-way (ProtoNet can)")
+    learner = build_learner(config)
+    best = run_dir / "checkpoints" / "best.json"
+    if best.is_file():
+        tensors, _ = load_checkpoint(best)
+        source = best
+    else:
+        tensors, _, source = latest_checkpoint(run_dir / "checkpoints")
+    load_module_tensors(learner, tensors, "learner.", source)
+    steps = inner_steps or config.effective_eval_inner_steps
+    tasks = test_source(config, ways, shots, queries)
+    estimates = evaluate_learner(learner, tasks, episodes, inner_steps=steps)
+    metric = "accuracy" if "accuracy" in estimates else "loss"
+    ways, shots = ways or config.ways, shots or config.shots
+    result = {
+        "dataset": config.dataset, "ways": ways, "shots": shots,
+        "inner_steps": None if config.algorithm == "protonet" else steps,
+        "episodes": episodes, "metric": metric if metric == "accuracy" else "mse",
+        "mean": estimates[metric].mean, "ci95": estimates[metric].ci95, "checkpoint": source.name,
+        "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
+    }
+    tag = f"{config.dataset}-{ways}w{shots}s-{result['inner_steps'] or 0}steps-{episodes}ep"
+    write_json(run_dir / "evals" / f"{tag}.json", result)
+    return result

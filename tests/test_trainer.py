@@ -1,0 +1,176 @@
+"""The trainer: exact resume after SIGKILL, checkpoint integrity, determinism, recipes, eval."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastadapt
+from fastadapt.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                          load_module_tensors, save_checkpoint)
+from fastadapt.training.config import Config, ConfigError, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SMALL = dict(iterations=60, log_every=10, checkpoint_every=20, validation_every=20, validation_episodes=20,
+             eval_episodes=30, meta_batch=5)
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastadapt.cli", *args], capture_output=True, text=True, **kw)
+
+
+def _metric_rows(run: Path) -> list[tuple]:
+    with open(run / "metrics.csv") as f:
+        return [(r["step"], r["phase"], r["loss"], r["accuracy"]) for r in csv.DictReader(f)]
+
+
+def _results_numbers(run: Path) -> dict:
+    r = json.loads((run / "results.json").read_text())
+    return {k: r[k] for k in ("mean", "ci95", "episodes", "metrics", "steps", "best_step")}
+
+
+def test_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    sets = ["--set", "iterations=4000", "--set", "log_every=100", "--set", "checkpoint_every=250",
+            "--set", "validation_every=500", "--set", "validation_episodes=20", "--set", "eval_episodes=50",
+            "--set", "threads=1"]
+    recipe = str(RECIPES / "maml" / "sinusoid-5shot.yaml")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = _cli("train", recipe, "--out", str(whole), *sets, timeout=600)
+    assert done.returncode == 0, done.stderr
+    process = subprocess.Popen([sys.executable, "-m", "fastadapt.cli", "train", recipe, "--out", str(killed), *sets],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("step-000001*.json")) and time.time() < deadline:
+        time.sleep(0.02)  # kill once the run is past step 1000, mid-way between checkpoints
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    resumed = _cli("train", "--resume", str(killed), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results_numbers(killed) == _results_numbers(whole)
+    assert _metric_rows(killed) == _metric_rows(whole)
+    for name in ("best.json", "step-000004000.json"):
+        a, _ = load_checkpoint(whole / "checkpoints" / name)
+        b, _ = load_checkpoint(killed / "checkpoints" / name)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if k.startswith(("learner.", "optimizer.")))
+
+
+def test_same_seed_same_results_and_other_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        runs[name] = fastadapt.train({**SMALL, "seed": seed}, tmp_path / name, progress=False)
+    same = ("mean", "ci95", "metrics", "best_step")
+    assert {k: runs["a"][k] for k in same} == {k: runs["b"][k] for k in same}
+    assert runs["a"]["mean"] != runs["c"]["mean"]
+
+
+def test_truncated_checkpoint_is_reported_and_the_previous_good_one_used(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
+    newest = sorted((run / "checkpoints").glob("step-*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        load_checkpoint(newest.with_suffix(".json"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state, used = latest_checkpoint(run / "checkpoints")
+    assert used.name == "step-000000040.json" and state["step"] == 40
+    assert any("skipping a bad checkpoint" in str(w.message) for w in caught)
+
+
+def test_tampered_manifest_and_wrong_shapes_give_clear_errors(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
+    manifest = sorted((run / "checkpoints").glob("step-*.json"))[-1]
+    manifest.write_text(manifest.read_text()[:50])
+    with pytest.raises(CheckpointError, match="truncated or not JSON"):
+        load_checkpoint(manifest)
+    learner = fastadapt.MAML(torch.nn.Linear(1, 3), task="regression")
+    tensors = {"learner.model.weight": torch.zeros(2, 1), "learner.model.bias": torch.zeros(3)}
+    path = save_checkpoint(tmp_path / "ck", "odd", tensors, {})
+    loaded, _ = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"'model.weight' has shape \(2, 1\), the model expects \(3, 1\)"):
+        load_module_tensors(learner, loaded, "learner.", path)
+
+
+def test_eval_command_other_shots_and_inner_steps(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
+    done = _cli("eval", str(run), "--episodes", "20", "--shots", "5", "--inner-steps", "1", "3")
+    assert done.returncode == 0, done.stderr
+    assert "5-shot, 1 inner steps: mse" in done.stdout and "5-shot, 3 inner steps: mse" in done.stdout
+    files = sorted(p.name for p in (run / "evals").glob("*.json"))
+    assert files == ["sinusoid-5w5s-1steps-20ep.json", "sinusoid-5w5s-3steps-20ep.json"]
+
+
+def test_eval_of_a_corrupt_run_is_one_clear_line(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
+    for f in (run / "checkpoints").glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    done = _cli("eval", str(run), "--episodes", "10")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "truncated or was modified" in done.stderr
+
+
+def test_a_finished_run_directory_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
+    before = (run / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fastadapt.train({**SMALL, "validation_every": 0, "seed": 9}, run, progress=False)
+    assert (run / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("shotz=3", "unknown config key 'shotz' (did you mean 'shots'?)"),
+        ("shots=three", "shots must be an integer, got 'three' (str)"),
+        ("shots=0", "shots must be >= 1, got 0"),
+        ("algorithm=reptile", "algorithm must be one of maml, fomaml, metasgd, anil, protonet; got 'reptile'"),
+        ("meta_lr=-1", "meta_lr must be > 0, got -1.0"),
+        ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
+    ],
+)
+def test_recipe_errors_name_the_key_without_a_traceback(override, message, tmp_path):
+    done = _cli("train", str(RECIPES / "maml" / "omniglot-5w1s.yaml"), "--set", override, "--out", str(tmp_path / "r"))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    done = _cli("train", str(RECIPES / "protonet" / "omniglot-5w1s.yaml"), "--set",
+                f"data_root={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(tmp_path / "nowhere" / "omniglot") in done.stderr and "FASTADAPT_DATA" in done.stderr
+
+
+def test_every_shipped_recipe_is_valid_and_covers_the_matrix():
+    recipes = sorted(RECIPES.glob("*/*.yaml"))
+    configs = [load_recipe(p) for p in recipes]
+    for algo in ("maml", "fomaml", "metasgd", "anil", "protonet"):
+        for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)):
+            assert any(c.algorithm == algo and c.dataset == "omniglot" and (c.ways, c.shots) == (ways, shots) for c in configs)
+        if algo != "protonet":
+            for shots in (5, 10):
+                assert any(c.algorithm == algo and c.dataset == "sinusoid" and c.shots == shots for c in configs)
+
+
+def test_config_round_trip_and_type_checks():
+    config = Config.from_dict({"shots": 5, "meta_lr": 1})
+    assert config.meta_lr == 1.0 and Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="train_ways=20 differs from ways=5"):
+        Config.from_dict({"dataset": "omniglot", "backbone": "conv4", "train_ways": 20})
