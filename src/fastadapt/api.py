@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .io import read_json, write_json
 from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
 from .training.config import Config, ConfigError, load_recipe
-from .training.evaluate import evaluate as evaluate_learner
+from .training.evaluate import evaluate_learner
 from .training.experiment import build_learner, test_source
 from .training.trainer import Trainer
 
-__all__ = ["train", "evaluate", "resolve_config"]
+__all__ = ["train", "evaluate", "resolve_config", "run_config", "default_run_dir"]
 
 PathLike = str | os.PathLike[str]
 
@@ -32,11 +32,21 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / name
 
 
+def run_config(run_dir: PathLike) -> Config:
+    """The config a run directory was made with."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: config.json is missing")
+    return Config.from_dict(read_json(saved))
+
+
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,
-          resume: bool = False, overrides: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+          resume: bool = False, overrides: Mapping[str, Any] | None = None, progress: bool = True,
+          on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Meta-trains and tests one config in a run directory; returns what `results.json` holds.
 
     `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
+    `progress` shows a progress bar; `on_row` receives every logged metrics row.
 
     Example:
         >>> import fastadapt
@@ -47,16 +57,13 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
     if resume:
         if out is None:
             raise ConfigError("resume needs the run directory (out=...)")
-        saved = Path(out) / "config.json"
-        if not saved.is_file():
-            raise CheckpointError(f"nothing to resume in {out}: no config.json (not a run directory)")
-        resolved = Config.from_dict(read_json(saved))
+        resolved = run_config(out)
     else:
         if config is None:
             raise ConfigError("train needs a config, a mapping of config keys, or a recipe path")
         resolved = resolve_config(config, overrides)
     run_dir = Path(out) if out is not None else default_run_dir(resolved)
-    return Trainer(resolved, run_dir, progress=progress).fit(resume=resume)
+    return Trainer(resolved, run_dir, progress=progress, on_row=on_row).fit(resume=resume)
 
 
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
@@ -71,9 +78,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         0.99...
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: config.json is missing")
-    config = Config.from_dict(read_json(run_dir / "config.json"))
+    config = run_config(run_dir)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     if ways is not None and ways != config.ways and config.algorithm != "protonet":

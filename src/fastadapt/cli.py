@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .api import evaluate, train
+from .api import default_run_dir, evaluate, resolve_config, run_config, train
 from .training.checkpoint import CheckpointError
 from .training.config import ALGORITHMS, DATASETS, Config, ConfigError, parse_overrides
 
@@ -147,20 +147,14 @@ def _summary(results: dict[str, Any], run_dir: Path) -> None:
 
 
 def _train(config: Config | None, run_dir: Path, resume: bool) -> None:
-    from .training.trainer import Trainer
-    from .io import read_json
-
-    if resume:
-        config = Config.from_dict(read_json(run_dir / "config.json")) if (run_dir / "config.json").is_file() else None
-        if config is None:
-            raise CheckpointError(f"nothing to resume in {run_dir}: no config.json (not a run directory)")
-    assert config is not None
-    interactive = sys.stderr.isatty()
-    print(f"fastadapt {__version__}: {config.algorithm} on {config.dataset} "
-          + (f"({config.ways}-way {config.shots}-shot)" if config.task == "classification" else f"({config.shots} shots)")
+    shown = run_config(run_dir) if resume else config
+    assert shown is not None
+    print(f"fastadapt {__version__}: {shown.algorithm} on {shown.dataset} "
+          + (f"({shown.ways}-way {shown.shots}-shot)" if shown.task == "classification" else f"({shown.shots} shots)")
           + f"  -> {run_dir}", flush=True)
-    trainer = Trainer(config, run_dir, progress=interactive, on_row=None if interactive else _printer(config))
-    _summary(trainer.fit(resume=resume), run_dir)
+    interactive = sys.stderr.isatty()
+    results = train(config, run_dir, resume=resume, progress=interactive, on_row=None if interactive else _printer(shown))
+    _summary(results, run_dir)
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -175,8 +169,6 @@ def _dispatch(args: argparse.Namespace) -> None:
             return
         if args.recipe is None:
             raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
-        from .api import default_run_dir, resolve_config
-
         config = resolve_config(args.recipe, parse_overrides(args.overrides))
         _train(config, args.out or default_run_dir(config), resume=False)
     elif args.command == "eval":

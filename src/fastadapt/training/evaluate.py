@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..data.sampler import TaskSource
 
-__all__ = ["Estimate", "mean_ci95", "evaluate"]
+__all__ = ["Estimate", "mean_ci95", "evaluate_learner"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def mean_ci95(values: Tensor) -> Estimate:
     return Estimate(float(values.mean()), 1.96 * float(values.std(unbiased=True)) / math.sqrt(n), n)
 
 
-def evaluate(learner: Any, source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
+def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
              inner_steps: int | None = None) -> dict[str, Estimate]:
     """Adapts to test episodes 0..episodes-1 of `source` and estimates every per-task metric.
 
@@ -52,7 +52,7 @@ def evaluate(learner: Any, source: TaskSource, episodes: int = 1000, *, batch_si
     Example:
         >>> from fastadapt import MAML, SinusoidTasks
         >>> from fastadapt.nn import MLP
-        >>> result = evaluate(MAML(MLP(), 0.01, task="regression"), SinusoidTasks(seed=1), episodes=8)
+        >>> result = evaluate_learner(MAML(MLP(), 0.01, task="regression"), SinusoidTasks(seed=1), episodes=8)
         >>> sorted(result)
         ['loss', 'loss_before']
     """

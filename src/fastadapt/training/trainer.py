@@ -29,7 +29,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, lo
                          optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_checkpoint,
                          step_name)
 from .config import Config, ConfigError
-from .evaluate import Estimate, evaluate
+from .evaluate import Estimate, evaluate_learner
 from .experiment import Experiment, build_experiment
 
 __all__ = ["Trainer", "METRIC_COLUMNS", "learning_rate"]
@@ -101,7 +101,7 @@ class Trainer:
         if state["best"] is not None:
             tensors, _ = load_checkpoint(self.checkpoints / "best.json")
             load_module_tensors(learner, tensors, "learner.", self.checkpoints / "best.json")
-        estimates = evaluate(learner, experiment.test, config.eval_episodes, inner_steps=config.effective_eval_inner_steps)
+        estimates = evaluate_learner(learner, experiment.test, config.eval_episodes, inner_steps=config.effective_eval_inner_steps)
         results = self._results(estimates, state, time.perf_counter() - started)
         write_json(self.run_dir / "results.json", results)
         return results
@@ -150,7 +150,7 @@ class Trainer:
 
     def _validate(self, experiment: Experiment, state: dict[str, Any], bar: Any) -> None:
         config = self.config
-        estimates = evaluate(experiment.learner, experiment.validation, config.validation_episodes,
+        estimates = evaluate_learner(experiment.learner, experiment.validation, config.validation_episodes,
                              inner_steps=config.effective_eval_inner_steps)
         score_name = "accuracy" if "accuracy" in estimates else "loss"
         score = estimates[score_name].mean
