@@ -174,3 +174,12 @@ def test_config_round_trip_and_type_checks():
     assert config.meta_lr == 1.0 and Config.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="train_ways=20 differs from ways=5"):
         Config.from_dict({"dataset": "omniglot", "backbone": "conv4", "train_ways": 20})
+
+
+def test_tensorboard_event_files_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    fastadapt.train({**SMALL, "validation_every": 0, "tensorboard": True}, tmp_path / "run", progress=False)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    with pytest.raises(ConfigError, match="tensorboard must be true or false, got 'yes'"):
+        Config.from_dict({"tensorboard": "yes"})

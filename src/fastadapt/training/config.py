@@ -67,6 +67,7 @@ class Config:
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
+    tensorboard: bool = False
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -146,7 +147,7 @@ class Config:
 
 _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
-    "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float,
+    "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
 }
 _OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads"}
 for _f in fields(Config):
@@ -160,10 +161,12 @@ def _check_type(key: str, value: Any, expected: type) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is bool:
+        ok = isinstance(value, bool)
     else:
         ok = isinstance(value, expected)
     if not ok:
-        label = {int: "an integer", float: "a number", str: "a string"}[expected]
+        label = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[expected]
         nullable = " or null" if key in _OPTIONAL else ""
         raise ConfigError(f"{key} must be {label}{nullable}, got {value!r} ({type(value).__name__})")
 

@@ -6,6 +6,7 @@ A run directory holds everything about a run:
     config.json        the resolved config            environment.json  versions, git commit, command
     metrics.csv        train / validation rows        results.json      the test result (when finished)
     checkpoints/       step-*.safetensors + .json (the newest two) and best.safetensors + best.json
+    tensorboard/       event files, with `tensorboard: true` (needs the `tensorboard` package)
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Trainer:
         self.checkpoints = self.run_dir / "checkpoints"
         self.progress = progress
         self.on_row = on_row
+        self.events: Any = None
 
     # -- public -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -97,7 +99,13 @@ class Trainer:
         state = self._fresh_state() if not resume else self._restore(learner, optimizer)
         if not resume:
             self._start_run_dir()
-        self._train(experiment, optimizer, state)
+        if config.tensorboard:
+            self.events = self._event_writer(first_step=state["step"] + 1)
+        try:
+            self._train(experiment, optimizer, state)
+        finally:
+            if self.events is not None:
+                self.events.close()
         if state["best"] is not None:
             tensors, _ = load_checkpoint(self.checkpoints / "best.json")
             load_module_tensors(learner, tensors, "learner.", self.checkpoints / "best.json")
@@ -217,9 +225,21 @@ class Trainer:
         })
         self._write_metrics([])
 
+    def _event_writer(self, first_step: int) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("tensorboard: true needs the tensorboard package: pip install 'fastadapt[tensorboard]'") from None
+        # purge_step drops events a killed run wrote after its last checkpoint
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=first_step if first_step > 1 else None)
+
     def _log(self, state: dict[str, Any], row: dict[str, Any], bar: Any) -> None:
         state["history"].append(row)
         self._write_metrics(state["history"])
+        if self.events is not None:
+            for key in ("loss", "accuracy", "lr", "tasks_per_s"):
+                if row[key] is not None:
+                    self.events.add_scalar(f"{row['phase']}/{key}", row[key], row["step"])
         if bar is not None and row["phase"] == "train":
             shown = {"loss": f"{row['loss']:.4f}", "tasks/s": f"{row['tasks_per_s']:.1f}"}
             if row["accuracy"] is not None:
