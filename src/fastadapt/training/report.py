@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..io import atomic_path
+from .trainer import METRIC_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
-    "METRICS_COLUMNS",
     "MATPLOTLIB_MISSING",
     "EvalPoint",
     "ReportFiles",
@@ -42,7 +42,6 @@ __all__ = [
     "write_report",
 ]
 
-METRICS_COLUMNS = ("step", "phase", "loss", "accuracy", "lr", "tasks_per_s", "elapsed_s")
 MATPLOTLIB_MISSING = "fastadapt report needs matplotlib: pip install 'fastadapt[report]'"
 _EVAL_KEYS = ("ways", "shots", "metric", "mean", "ci95")
 _RESULT_KEYS = ("metric", "mean", "ci95")
@@ -187,16 +186,16 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any], ...]:
             reader = csv.DictReader(f)
             header = reader.fieldnames
             if not header:
-                raise ValueError(f"{path}: empty file, expected the header {','.join(METRICS_COLUMNS)}")
+                raise ValueError(f"{path}: empty file, expected the header {','.join(METRIC_COLUMNS)}")
             header = [name.strip() for name in header]
             reader.fieldnames = header
-            for column in METRICS_COLUMNS:
+            for column in METRIC_COLUMNS:
                 if column not in header:
                     raise ValueError(f"{path}: missing column {column!r} (header: {','.join(header)})")
             rows = []
             for row in reader:
                 parsed: dict[str, Any] = {"phase": (row["phase"] or "").strip()}
-                for column in METRICS_COLUMNS:
+                for column in METRIC_COLUMNS:
                     if column == "phase":
                         continue
                     text = (row[column] or "").strip()
@@ -522,7 +521,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> ReportFiles:
     """Reads every run in `run_dirs`, then writes the three plots and report.md into `out_dir`.
 
     All inputs are checked before anything is written: a missing run directory or config.json, or
-    a metrics.csv without one of METRICS_COLUMNS, raises ValueError and leaves `out_dir` untouched.
+    a metrics.csv without one of METRIC_COLUMNS, raises ValueError and leaves `out_dir` untouched.
     Raises ImportError if matplotlib is not installed.
 
     Example:
