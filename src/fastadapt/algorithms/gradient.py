@@ -34,7 +34,7 @@ Execution = Literal["auto", "loop", "graph", "vmap"]
 # Layers whose torch.func.vmap batching rules are exact also in second order (checked by tests).
 _VMAP_SAFE = (
     nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity,
-    nn.Flatten, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleDict,
+    nn.Flatten, nn.Dropout,
 )
 
 
