@@ -183,3 +183,20 @@ def test_tensorboard_event_files_when_asked(tmp_path):
     assert events and events[0].stat().st_size > 0
     with pytest.raises(ConfigError, match="tensorboard must be true or false, got 'yes'"):
         Config.from_dict({"tensorboard": "yes"})
+
+
+def test_early_stopping_after_validations_without_improvement(tmp_path):
+    # a learning rate too small to change float32 weights: every validation equals the first
+    results = fastadapt.train({**SMALL, "iterations": 500, "validation_every": 10, "early_stopping": 2,
+                               "optimizer": "sgd", "meta_lr": 1e-30}, tmp_path / "run", progress=False)
+    assert results["stopped_early"] and results["steps"] == 30 and results["best_step"] == 10
+    rows = _metric_rows(tmp_path / "run")
+    assert [r[0] for r in rows if r[1] == "validation"] == ["10", "20", "30"]
+
+
+def test_learning_rate_schedules():
+    from fastadapt.training.trainer import learning_rate
+
+    cosine = Config(schedule="cosine", meta_lr=1.0, iterations=100)
+    assert learning_rate(cosine, 1) == 1.0 and abs(learning_rate(cosine, 51) - 0.5) < 1e-12
+    assert learning_rate(Config(meta_lr=0.3), 77) == 0.3
