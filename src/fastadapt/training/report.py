@@ -475,7 +475,8 @@ def _mean_ci(metric: str, mean: float, ci95: float) -> str:
 
 def _table_row(run: RunData) -> list[str]:
     config = run.config
-    head = [_cell(run.name), _cell(run.algorithm), _cell(run.dataset), _cell(config.get("ways")), _cell(config.get("shots"))]
+    ways = None if run.dataset == "sinusoid" else config.get("ways")  # regression has no classes
+    head = [_cell(run.name), _cell(run.algorithm), _cell(run.dataset), _cell(ways), _cell(config.get("shots"))]
     if run.results is None:
         return head + ["unfinished", "unfinished", "-", "-", "-"]
     r = run.results
