@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, write_json
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors,
                          optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_checkpoint,
                          step_name)
