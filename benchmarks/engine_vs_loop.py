@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fastadapt import MAML, TaskBatch
+from fastadapt import MAML
 from fastadapt.nn import Conv4
-from interleaved import interleaved_rates, report
+from common import interleaved_rates, random_batch, report
 
 
 def plain_loop_meta_grad(model, batch, inner_lr, steps):
@@ -36,14 +36,6 @@ def plain_loop_meta_grad(model, batch, inner_lr, steps):
 def engine_meta_grad(learner, batch):
     learner.meta_loss(batch)[0].backward()
     return [w.grad for w in learner.model.parameters()]
-
-
-def random_batch(tasks, ways, shots, queries, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
-    yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-    return TaskBatch(torch.rand(tasks, ways * shots, 1, 28, 28, generator=g, dtype=dtype), ys,
-                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g, dtype=dtype), yq)
 
 
 def main() -> None:

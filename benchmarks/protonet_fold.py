@@ -14,7 +14,7 @@ import torch
 
 from fastadapt import ProtoNet, TaskBatch
 from fastadapt.nn import Conv4
-from interleaved import interleaved_rates, report
+from common import interleaved_rates, random_batch, report
 
 
 def step(net: ProtoNet, batch: TaskBatch) -> None:
@@ -32,12 +32,8 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = Conv4.omniglot(ways=None)
     nets = {"per-episode loop": ProtoNet(encoder, fold=False), "folded": ProtoNet(encoder, fold=True)}
-    g = torch.Generator().manual_seed(0)
     n, w, k, q = args.meta_batch, args.ways, args.shots, args.queries
-    batch = TaskBatch(torch.rand(n, w * k, 1, 28, 28, generator=g),
-                      torch.arange(w).repeat_interleave(k).expand(n, -1).contiguous(),
-                      torch.rand(n, w * q, 1, 28, 28, generator=g),
-                      torch.arange(w).repeat_interleave(q).expand(n, -1).contiguous())
+    batch = random_batch(n, w, k, q)
     runs = {name: (lambda net=net: step(net, batch)) for name, net in nets.items()}
     rates = interleaved_rates(runs, n, args.repeats, lambda: encoder.zero_grad(set_to_none=True))
     print(f"ProtoNet Conv4 {w}w{k}s, {q} queries, meta-batch {n}, {torch.get_num_threads()} threads")

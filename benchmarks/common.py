@@ -1,10 +1,24 @@
-"""Timing helpers shared by the benchmarks: interleaved repetitions and ratio reports."""
+"""Helpers shared by the benchmarks: Omniglot-shaped random task batches, interleaved timing, ratios."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Callable
+
+import torch
+
+from fastadapt import TaskBatch
+
+
+def random_batch(tasks: int, ways: int, shots: int, queries: int, dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> TaskBatch:
+    """`tasks` random Omniglot-shaped (1x28x28) episodes with class-major labels."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(torch.rand(tasks, ways * shots, 1, 28, 28, generator=g, dtype=dtype), ys,
+                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g, dtype=dtype), yq)
 
 
 def interleaved_rates(runs: dict[str, Callable[[], None]], items: int, repeats: int,
