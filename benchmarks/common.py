@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: Omniglot-shaped random task batches, interleaved timing, ratios."""
+"""Helpers shared by the benchmarks: random image task batches, interleaved timing, ratios."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from fastadapt import TaskBatch
 
 
 def random_batch(tasks: int, ways: int, shots: int, queries: int, dtype: torch.dtype = torch.float32,
-                 seed: int = 0) -> TaskBatch:
-    """`tasks` random Omniglot-shaped (1x28x28) episodes with class-major labels."""
+                 seed: int = 0, channels: int = 1, size: int = 28) -> TaskBatch:
+    """`tasks` random episodes of `channels`x`size`x`size` images (default Omniglot's 1x28x28),
+    class-major labels."""
     g = torch.Generator().manual_seed(seed)
     ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
     yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-    return TaskBatch(torch.rand(tasks, ways * shots, 1, 28, 28, generator=g, dtype=dtype), ys,
-                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g, dtype=dtype), yq)
+    image = (channels, size, size)
+    return TaskBatch(torch.rand(tasks, ways * shots, *image, generator=g, dtype=dtype), ys,
+                     torch.rand(tasks, ways * queries, *image, generator=g, dtype=dtype), yq)
 
 
 def interleaved_rates(runs: dict[str, Callable[[], None]], items: int, repeats: int,
@@ -37,11 +39,16 @@ def interleaved_rates(runs: dict[str, Callable[[], None]], items: int, repeats: 
     return rates
 
 
+def repeat_ratios(rates: dict[str, list[float]], candidate: str, baseline: str) -> list[float]:
+    """candidate / baseline rate within each interleaved repeat."""
+    return [c / b for c, b in zip(rates[candidate], rates[baseline])]
+
+
 def report(rates: dict[str, list[float]], unit: str, candidate: str, baseline: str) -> None:
     """Prints median (min, max) per run and the per-repeat ratio candidate / baseline."""
     width = max(len(name) for name in rates)
     for name, values in rates.items():
         print(f"{name:>{width}}: {statistics.median(values):7.1f} {unit}/s (min {min(values):.1f}, max {max(values):.1f})")
-    ratios = [c / b for c, b in zip(rates[candidate], rates[baseline])]
+    ratios = repeat_ratios(rates, candidate, baseline)
     print(f"{candidate} / {baseline}, per interleaved repeat: median {statistics.median(ratios):.2f}x "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")

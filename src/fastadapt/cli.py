@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
+from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import ALGORITHMS, DATASETS, Config, ConfigError, parse_overrides
 
@@ -190,6 +191,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a training process reuses the same large blocks: see fastadapt.runtime
     try:
         _dispatch(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError) as error:

@@ -7,9 +7,11 @@
 
 Execution over a `TaskBatch` (`execution=`):
 - "loop": tasks one after another, each task back-propagated as soon as its loss exists so only
-  one task's graph is alive (see `functional.taskwise`). The default for models with BatchNorm or
-  convolutions: measured on 2 CPU cores it is as fast as holding all graphs at 5x less memory, and
-  `torch.func.vmap` is both slower there and wrong in second order through training-mode BatchNorm.
+  one task's graph is alive (see `functional.taskwise`), in two passes: a first-order query pass
+  (optionally compiled or bf16), then the backward through the support-set inner loop (see
+  `functional.split`). The default for models with BatchNorm or convolutions: measured on 2 CPU
+  cores it is as fast as holding all graphs at 5x less memory, and `torch.func.vmap` is both
+  slower there and wrong in second order through training-mode BatchNorm.
 - "graph": the same loop keeping every task's graph; the loss supports any further autograd use.
 - "vmap": all tasks in one `torch.func.vmap` call; the default for models made only of layers
   whose vmap rules are exact (Linear, activations, Flatten, Dropout), e.g. the sinusoid MLP.
@@ -17,6 +19,7 @@ Execution over a `TaskBatch` (`execution=`):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Sequence
 
 import torch
@@ -24,12 +27,15 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from ..functional import Params, forward, inner_adapt, loss_with_grads
+from ..functional import Params, QueryPass, forward, inner_adapt, loss_with_grads, split_meta_gradients
+from ..functional.task_batched import batched_meta_gradients, task_batched_forward
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "AdaptedModel"]
 
 Execution = Literal["auto", "loop", "graph", "vmap"]
+Precision = Literal["fp32", "bf16"]
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 # Layers whose torch.func.vmap batching rules are exact also in second order (checked by tests).
 _VMAP_SAFE = (
@@ -65,6 +71,12 @@ class GradientLearner(nn.Module):
             (e.g. "head" for ANIL).
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
         execution: how the meta-batch runs; see the module docstring.
+        compile: compile the query pass of "loop" execution with `torch.compile` (one compilation
+            per input shape, tens of seconds; needs a C++ compiler).
+        precision: "bf16" runs forward and backward under CPU bf16 autocast; weights and
+            meta-gradients stay float32.
+        checkpoint_inner_loop: keep no graph across inner steps in "loop" execution; rebuild each
+            step's graph during the backward, so memory does not grow with `inner_steps`.
 
     Example:
         >>> import torch
@@ -86,6 +98,9 @@ class GradientLearner(nn.Module):
         adapt: str | Sequence[str] | None = None,
         task: TaskKind = "classification",
         execution: Execution = "auto",
+        compile: bool = False,
+        precision: Precision = "fp32",
+        checkpoint_inner_loop: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -94,6 +109,8 @@ class GradientLearner(nn.Module):
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
         if execution not in ("auto", "loop", "graph", "vmap"):
             raise ValueError(f"execution must be 'auto', 'loop', 'graph' or 'vmap', got {execution!r}")
+        if precision not in _AUTOCAST:
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -119,6 +136,10 @@ class GradientLearner(nn.Module):
             leaves = [m for m in model.modules() if not list(m.children())]
             execution = "vmap" if all(isinstance(m, _VMAP_SAFE) for m in leaves) else "loop"
         self.execution: Execution = execution
+        self.precision: Precision = precision
+        self.checkpoint_inner_loop = checkpoint_inner_loop
+        self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
+        self._task_batched = task_batched_forward(model)
 
     # -- the pieces ---------------------------------------------------------------------------
     def meta_params(self) -> Params:
@@ -141,8 +162,14 @@ class GradientLearner(nn.Module):
         )
 
     def _task_forward(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool):
-        adapted, support_loss = self._adapt(params, sx, sy, steps, first_order)
-        return forward(self.model, adapted, qx), support_loss
+        with self._autocast():
+            adapted, support_loss = self._adapt(params, sx, sy, steps, first_order)
+            output = forward(self.model, adapted, qx)
+        return (output.float() if self.precision == "bf16" else output), support_loss
+
+    def _autocast(self):
+        dtype = _AUTOCAST[self.precision]
+        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
@@ -194,17 +221,24 @@ class GradientLearner(nn.Module):
         params = self.meta_params()
         trainable = [p for p in self.parameters() if p.requires_grad]
         taskwise = not keep_graph and torch.is_grad_enabled() and bool(trainable)
+        if taskwise and self._task_batched is not None and not self.checkpoint_inner_loop:
+            return self._support_batched(batch, params, trainable)
         count = len(batch)
         losses, rows, total = [], [], None
         for t in range(count):
             ep = batch[t]
-            out, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, self.inner_steps, self.first_order)
-            loss = self._loss_fn(out, ep.query_y)
             if taskwise:
-                grads = torch.autograd.grad(loss / count, trainable, allow_unused=True)
+                grads, out, loss, support_loss = split_meta_gradients(
+                    self.model, params, (ep.support_x, ep.support_y), (ep.query_x, ep.query_y),
+                    loss_fn=self._loss_fn, steps=self.inner_steps, step_sizes=self.step_sizes(),
+                    first_order=self.first_order, query_pass=self._query_pass, wrt=trainable, scale=1 / count,
+                    checkpoint=self.checkpoint_inner_loop, autocast_dtype=_AUTOCAST[self.precision])
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
                 total = grads if total is None else [a + g for a, g in zip(total, grads)]
-                loss = loss.detach()
+            else:
+                out, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
+                                                        self.inner_steps, self.first_order)
+                loss = self._loss_fn(out, ep.query_y)
             losses.append(loss)
             row = task_metrics(self.task, out, ep.query_y)
             row["support_loss"] = support_loss.detach()
@@ -213,6 +247,17 @@ class GradientLearner(nn.Module):
         if taskwise:
             mean_loss = loss_with_grads(mean_loss, trainable, total)
         return mean_loss, {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+
+    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        grads, outputs, losses, support_losses = batched_meta_gradients(
+            self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
+            step_sizes=self.step_sizes(), first_order=self.first_order, query_pass=self._query_pass,
+            wrt=trainable, autocast=self._autocast)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
+        rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
+        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+        metrics["support_loss"] = support_losses.mean()
+        return loss_with_grads(losses.mean(), trainable, grads), metrics
 
     def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool) -> tuple[Tensor, dict[str, Tensor]]:
         params = self.meta_params()

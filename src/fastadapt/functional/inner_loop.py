@@ -10,6 +10,8 @@ from typing import Callable, Mapping
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
+from .fused_block import fused_forward
+
 __all__ = ["Params", "LossFn", "forward", "inner_adapt"]
 
 Params = dict[str, Tensor]
@@ -19,12 +21,17 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Runs `model` on `x` with `params` in place of its parameters (buffers stay the module's).
 
+    A recognised first conv block runs reordered (`functional.fused_block`), same result.
+
     Example:
         >>> import torch
         >>> m = torch.nn.Linear(2, 1)
         >>> forward(m, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, torch.ones(1, 2))
         tensor([[2.]])
     """
+    fast = fused_forward(model)
+    if fast is not None:
+        return fast(dict(params), x)
     return functional_call(model, dict(params), (x,), strict=False)
 
 

@@ -22,6 +22,7 @@ DATASETS = ("omniglot", "sinusoid")
 BACKBONES = ("conv4", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,9 @@ class Config:
     eval_seed: int = 0
     threads: int | None = None
     tensorboard: bool = False
+    precision: str = "fp32"
+    compile: bool = False
+    checkpoint_inner_loop: bool = False
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -113,6 +117,7 @@ class Config:
         _choice("backbone", self.backbone, BACKBONES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
                     "log_every", "checkpoint_every", "schedule_step"):
             _at_least(key, getattr(self, key), 1)
@@ -141,6 +146,9 @@ class Config:
         if self.dataset == "omniglot" and self.validation_every and not self.validation_characters:
             raise ConfigError("validation_every > 0 on omniglot needs validation_characters > 0 "
                               "(the characters carved out of meta-training for validation), e.g. 100")
+        if self.algorithm == "protonet" and (self.compile or self.checkpoint_inner_loop):
+            raise ConfigError("compile and checkpoint_inner_loop apply to the gradient-based algorithms "
+                              "(they have an inner loop); set them to false for protonet")
         if self.early_stopping and not self.validation_every:
             raise ConfigError("early_stopping needs validation_every > 0 (it counts validations without improvement)")
 
@@ -148,6 +156,7 @@ class Config:
 _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
     "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
+    "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
 }
 _OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads"}
 for _f in fields(Config):

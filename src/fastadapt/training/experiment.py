@@ -45,9 +45,10 @@ def build_learner(config: Config) -> nn.Module:
     else:
         model = Conv4.omniglot(ways=None if config.algorithm == "protonet" else config.ways)
     if config.algorithm == "protonet":
-        return ProtoNet(model)
+        return ProtoNet(model, precision=config.precision)
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                                                task=config.task)
+                                                task=config.task, precision=config.precision, compile=config.compile,
+                                                checkpoint_inner_loop=config.checkpoint_inner_loop)
 
 
 def _omniglot_splits(config: Config) -> dict[str, Any]:

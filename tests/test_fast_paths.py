@@ -1,0 +1,115 @@
+"""The fast execution paths give the same numbers as PyTorch's own layers and the reference loop.
+
+- the reordered first conv block (functional.fused_block), to second order;
+- the task-batched support phase (functional.task_batched);
+- bf16 autocast mode, torch.compile'd query pass, glibc allocator setting.
+The float64 meta-gradient comparison of every learner on every path is in test_meta_gradients.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastadapt import MAML, TaskBatch
+from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, set_fusion
+from fastadapt.functional.task_batched import task_batched_forward
+from fastadapt.nn import Conv4
+from fastadapt.runtime import keep_freed_memory
+
+
+def _reference_block(x, w, b, gamma, beta):
+    return F.max_pool2d(F.relu(F.batch_norm(F.conv2d(x, w, b, padding=w.shape[-1] // 2), None, None, gamma, beta, True)), 2)
+
+
+@pytest.mark.parametrize("channels,size,kernel", [(1, 28, 3), (3, 20, 3), (1, 9, 3), (2, 12, 5)])
+def test_reordered_block_matches_pytorch_layers_to_second_order(channels, size, kernel):
+    g = torch.Generator().manual_seed(channels * size)
+    x = torch.rand(6, channels, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(8, channels, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    gamma = (torch.rand(8, generator=g, dtype=torch.float64) * 3 - 1.5).requires_grad_()  # negative scales too
+    beta = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(8, channels, kernel, kernel, generator=g, dtype=torch.float64)
+
+    def first_and_second(out):
+        gw, gg, gb = torch.autograd.grad((out ** 3).sum(), [w, gamma, beta], create_graph=True)
+        return [gw, gg, gb, *torch.autograd.grad((gw * probe).sum(), [w, gamma, beta])]
+
+    ref = _reference_block(x, w, b, gamma, beta)
+    out = conv_bn_relu_pool(x, w, gamma, beta)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    for mine, theirs in zip(first_and_second(out), first_and_second(ref)):
+        assert (mine - theirs).norm() <= 1e-11 * theirs.norm()
+
+
+def test_reordered_block_keeps_float32_under_bf16_autocast():
+    x, w = torch.rand(4, 1, 8, 8), torch.randn(5, 1, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bn_relu_pool(x, w, torch.ones(5), torch.zeros(5))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, _reference_block(x, w, None, torch.ones(5), torch.zeros(5)), atol=1e-5)
+
+
+def test_fusion_is_used_only_where_recognised_and_can_be_switched_off():
+    model = Conv4.omniglot(ways=5)
+    assert fused_forward(model) is not None
+    assert fused_forward(Conv4(in_channels=8, ways=5, hidden=8, image_size=16)) is None  # 8*9 > 32 patch entries
+    assert fused_forward(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    set_fusion(model, False)
+    assert fused_forward(model) is None
+    set_fusion(model, True)
+    assert fused_forward(model) is not None
+
+
+def test_task_batched_forward_equals_one_call_per_task():
+    torch.manual_seed(0)
+    models = [Conv4(in_channels=1, ways=3, hidden=6, image_size=16) for _ in range(3)]
+    stacked = {n: torch.stack([dict(m.named_parameters())[n] for m in models]) for n, _ in models[0].named_parameters()}
+    x = torch.rand(3, 4, 1, 16, 16)
+    out = task_batched_forward(models[0])(stacked, x)
+    for t, m in enumerate(models):
+        assert torch.allclose(out[t], m(x[t]), atol=1e-5)
+
+
+def _batch(tasks=4, ways=5, queries=3, seed=0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).expand(tasks, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(torch.rand(tasks, ways, 1, 28, 28, generator=g), ys,
+                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g), yq)
+
+
+def _meta_grad(learner, batch):
+    learner.zero_grad(set_to_none=True)
+    learner.meta_loss(batch)[0].backward()
+    return torch.cat([p.grad.flatten() for p in learner.parameters()])
+
+
+def test_bf16_mode_gives_the_fp32_meta_gradient_to_bf16_precision_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    model = Conv4.omniglot(ways=5)
+    batch = _batch()
+    exact = _meta_grad(MAML(model, 0.4, 1), batch)
+    mixed_learner = MAML(model, 0.4, 1, precision="bf16")
+    mixed = _meta_grad(mixed_learner, batch)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    cosine = F.cosine_similarity(exact, mixed, dim=0)
+    assert 0.97 < cosine < 1 - 1e-7, cosine  # close, and really computed in bf16
+    assert (mixed - exact).norm() < 0.25 * exact.norm()
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        MAML(model, precision="fp16")
+
+
+def test_compiled_query_pass_gives_the_eager_meta_gradient():
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, ways=5, hidden=8, image_size=28)
+    batch = _batch(tasks=2)
+    eager = _meta_grad(MAML(model, 0.4, 1), batch)
+    compiled = _meta_grad(MAML(model, 0.4, 1, compile=True), batch)
+    assert (compiled - eager).norm() <= 1e-4 * eager.norm()
+
+
+def test_allocator_setting_applies_on_linux():
+    assert keep_freed_memory() is True
