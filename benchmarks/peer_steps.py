@@ -38,14 +38,19 @@ def plain_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool)
     return step
 
 
-def fastadapt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
+def fastadapt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool, precision: str = "fp32") -> Step:
     """fastadapt: `MAML(...).meta_loss(batch)`, then `backward()`."""
-    learner = MAML(model, inner_lr, steps, first_order=first_order)
+    learner = MAML(model, inner_lr, steps, first_order=first_order, precision=precision)
 
     def step(batch: TaskBatch) -> None:
         learner.meta_loss(batch)[0].backward()
 
     return step
+
+
+def fastadapt_maml_bf16(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
+    """fastadapt's opt-in mixed precision: bf16 autocast, float32 weights and meta-gradients."""
+    return fastadapt_maml(model, inner_lr, steps, first_order, precision="bf16")
 
 
 def learn2learn_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
@@ -134,6 +139,7 @@ def torchopt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bo
 
 MAML_CONTENDERS: dict[str, Callable[[nn.Module, float, int, bool], Step]] = {
     "fastadapt": fastadapt_maml,
+    "fastadapt bf16": fastadapt_maml_bf16,
     "learn2learn": learn2learn_maml,
     "higher": higher_maml,
     "torchopt": torchopt_maml,
@@ -165,9 +171,9 @@ def plain_protonet(encoder: nn.Module) -> Step:
     return step
 
 
-def fastadapt_protonet(encoder: nn.Module) -> Step:
+def fastadapt_protonet(encoder: nn.Module, precision: str = "fp32") -> Step:
     """fastadapt: `ProtoNet(encoder).meta_loss(batch)`, then `backward()`."""
-    net = ProtoNet(encoder)
+    net = ProtoNet(encoder, precision=precision)
 
     def step(batch: TaskBatch) -> None:
         net.meta_loss(batch)[0].backward()
@@ -189,8 +195,14 @@ def learn2learn_protonet(encoder: nn.Module) -> Step:
     return step
 
 
+def fastadapt_protonet_bf16(encoder: nn.Module) -> Step:
+    """fastadapt's ProtoNet under bf16 autocast (float32 weights and gradients)."""
+    return fastadapt_protonet(encoder, precision="bf16")
+
+
 PROTONET_CONTENDERS: dict[str, Callable[[nn.Module], Step]] = {
     "fastadapt": fastadapt_protonet,
+    "fastadapt bf16": fastadapt_protonet_bf16,
     "learn2learn": learn2learn_protonet,
     "plain loop": plain_protonet,
 }

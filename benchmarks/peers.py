@@ -33,10 +33,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastadapt import TaskBatch
 from fastadapt.nn import Conv4
+from fastadapt.runtime import keep_freed_memory
 from common import interleaved_rates, random_batch, repeat_ratios
 from peer_steps import MAML_CONTENDERS, PROTONET_CONTENDERS, Step
 
 VOID_ABOVE = 1e-9
+BASELINE = "learn2learn"
+
+
+def is_mixed(name: str) -> bool:
+    """bf16 contenders: fast by design, not exact; compared on speed only."""
+    return name.endswith("bf16")
 PACKAGES = ("torch", "fastadapt", "learn2learn", "higher", "torchopt")
 
 
@@ -110,9 +117,11 @@ def meta_gradients(setting: Setting, tasks: int, dtype: torch.dtype) -> dict[str
     model, batch = build(setting, tasks, dtype)
     grads = {}
     for name in contender_names(setting):
+        if is_mixed(name):
+            continue
         own = copy.deepcopy(model)
         make_step(setting, name, own)(batch)
-        grads[name] = [p.grad.clone() for p in own.parameters()]
+        grads[name] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in own.parameters()]
     return grads
 
 
@@ -124,7 +133,8 @@ def agreement(setting: Setting, tasks: int) -> dict[str, float]:
     1e-9 x the whole meta-gradient's norm is compared against that whole norm instead.
     """
     grads = meta_gradients(setting, tasks, torch.float64)
-    ref = grads["fastadapt"]
+    ref = grads.pop("fastadapt")
+    grads = {"fastadapt": ref, **grads}
     total = float(torch.cat([r.flatten() for r in ref]).norm())
     scales = [float(r.norm()) if r.norm() > 1e-9 * total else total for r in ref]
     return {name: max(float((g - r).norm()) / scale for g, r, scale in zip(gs, ref, scales))
@@ -200,7 +210,7 @@ def memory_child(setting: Setting, name: str) -> None:
 def peak_memory(setting: Setting, name: str, args: argparse.Namespace) -> float:
     """Runs `memory_child` in a fresh interpreter and returns its peak-minus-baseline MB."""
     command = [sys.executable, __file__, "--memory-child", name, "--settings", setting.name,
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--threads", str(args.threads), "--allocator", args.allocator] + (["--quick"] if args.quick else [])
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -231,17 +241,20 @@ def table(setting: Setting, result: dict, ceiling: float) -> str:
              f"{setting.describe()}; {flops / 1e9:.3f} GFLOP per {unit[:-1]} (plain loop, FlopCounterMode)."
              + (f" {PROTONET_NOTE}" if setting.protonet else ""), "",
              f"| contender | {unit}/s median (min-max) | fastadapt / contender per repeat, median (min-max) "
-             "| peak MB above baseline | float64 max rel. diff | GFLOP/s (% of fp32 matmul) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"| contender / {BASELINE} per repeat | peak MB above baseline | float64 max rel. diff "
+             "| GFLOP/s (% of fp32 matmul) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, rates in result["rates"].items():
-        diff = result["agreement"][name]
-        void = diff > VOID_ABOVE
-        ratios = repeat_ratios(result["rates"], "fastadapt", name)
-        ratio = "VOID" if void else "-" if name == "fastadapt" else span(ratios, ".2f", "x")
+        diff = result["agreement"].get(name)
+        void = diff is not None and diff > VOID_ABOVE
+        ratio = "VOID" if void else "-" if name == "fastadapt" else span(
+            repeat_ratios(result["rates"], "fastadapt", name), ".2f", "x")
+        versus = span(repeat_ratios(result["rates"], name, BASELINE), ".2f", "x") if BASELINE in result["rates"] else "n/a"
+        exactness = "bf16: not exact by design" if diff is None else f"{diff:.1e}{' VOID' if void else ''}"
         memory = result["peak_mb"].get(name)
         gflops = flops * statistics.median(rates) / 1e9
-        lines.append(f"| {name} | {span(rates)} | {ratio} | {'n/a' if memory is None else f'{memory:.0f}'} "
-                     f"| {diff:.1e}{' VOID' if void else ''} | {gflops:.2f} ({100 * gflops / ceiling:.1f}%) |")
+        lines.append(f"| {name} | {span(rates)} | {ratio} | {versus} | {'n/a' if memory is None else f'{memory:.0f}'} "
+                     f"| {exactness} | {gflops:.2f} ({100 * gflops / ceiling:.1f}%) |")
     return "\n".join(lines)
 
 
@@ -256,6 +269,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--json", metavar="PATH", help="write all raw numbers here")
     parser.add_argument("--quick", action="store_true", help="smoke test: meta-batch 2, 2 queries, 1 repeat")
+    parser.add_argument("--allocator", choices=("default", "tuned"), default="default",
+                        help="tuned: glibc keeps freed memory (fastadapt.runtime.keep_freed_memory, what the "
+                             "fastadapt command does) for every contender alike")
     parser.add_argument("--memory-child", metavar="CONTENDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -266,6 +282,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        keep_freed_memory()
     settings = [s for s in all_settings() if s.name in args.settings]
     settings = [quick(s) for s in settings] if args.quick else settings
     if args.memory_child:
@@ -274,7 +292,7 @@ def main() -> None:
     size = 1024 if args.quick else 2048
     ceiling = {"fp32": matmul_gflops(torch.float32, size), "bf16": matmul_gflops(torch.bfloat16, size)}
     versions = {p: version(p) for p in PACKAGES}
-    print(f"# fastadapt vs peers\n\nMachine: {machine()}, {args.threads} threads. "
+    print(f"# fastadapt vs peers\n\nMachine: {machine()}, {args.threads} threads, allocator {args.allocator}. "
           + ", ".join(f"{p} {v}" for p, v in versions.items()) + ".\n")
     print(f"Command: `{' '.join([sys.executable] + sys.argv)}`\n")
     print(f"Matmul ceiling ({size}x{size} @ {size}x{size}): fp32 {ceiling['fp32']:.1f} GFLOP/s, "

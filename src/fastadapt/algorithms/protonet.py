@@ -74,7 +74,8 @@ class ProtoNet(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return forward(self.encoder, dict(self.encoder.named_parameters()), x).float().flatten(1)
+            z = forward(self.encoder, dict(self.encoder.named_parameters()), x).flatten(1)
+        return z.float() if z.dtype == torch.bfloat16 else z
 
     def _episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         ways = int(support_y.max()) + 1

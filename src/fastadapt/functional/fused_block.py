@@ -71,9 +71,7 @@ def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tens
         # (A contiguous K x C right factor: its gradient is then patches' @ grad, 5-20x faster
         # here than the transposed product autograd picks for a transposed view.)
         right = (w2 * sign[..., None]).transpose(1, 2).contiguous()                  # (T, K, C)
-        signed = (patches @ right).view(tasks * n, h, w, channels).permute(0, 3, 1, 2)
-        best = F.max_pool2d(signed, 2)
-        best = best.view(tasks, n, channels, *best.shape[-2:])
+        best = _pooled_conv(patches, right, h, w)                                     # (T, N, C, H/2, W/2)
 
         def per_channel(v: Tensor) -> Tensor:
             return v.reshape(tasks, 1, channels, 1, 1)
@@ -131,6 +129,14 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
         return h
 
     return run
+
+
+def _pooled_conv(patches: Tensor, right: Tensor, h: int, w: int) -> Tensor:
+    """max_pool2d of `patches @ right` laid out as images: `(T, n*h*w, K) -> (T, n, C, h//2, w//2)`."""
+    tasks, rows, channels = patches.shape[0], patches.shape[1], right.shape[-1]
+    product = patches[0] @ right[0] if tasks == 1 else patches @ right  # mm beats a one-task bmm
+    pooled = F.max_pool2d(product.view(-1, h, w, channels).permute(0, 3, 1, 2), 2)
+    return pooled.view(tasks, rows // (h * w), *pooled.shape[1:])
 
 
 def is_fusable(block: list[nn.Module]) -> bool:
