@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -52,3 +55,33 @@ def report(rates: dict[str, list[float]], unit: str, candidate: str, baseline: s
     ratios = repeat_ratios(rates, candidate, baseline)
     print(f"{candidate} / {baseline}, per interleaved repeat: median {statistics.median(ratios):.2f}x "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+
+
+def rss_mb() -> float:
+    """This process's resident set size (VmRSS), MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def peak_rss_mb(step: Callable[[], None]) -> tuple[float, float]:
+    """Peak RSS during `step()` above the RSS before it (sampled every ~1 ms, after `gc` and
+    `malloc_trim`), and the step's seconds. Call it in a fresh process after one warm-up step."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    baseline = peak = rss_mb()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return max(peak, rss_mb()) - baseline, seconds

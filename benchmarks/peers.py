@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -34,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastadapt import TaskBatch
 from fastadapt.nn import Conv4
 from fastadapt.runtime import keep_freed_memory
-from common import interleaved_rates, random_batch, repeat_ratios
+from common import interleaved_rates, peak_rss_mb, random_batch, repeat_ratios
 from peer_steps import MAML_CONTENDERS, PROTONET_CONTENDERS, Step
 
 VOID_ABOVE = 1e-9
@@ -175,36 +172,13 @@ def timing(setting: Setting, repeats: int) -> dict[str, list[float]]:
     return interleaved_rates(runs, setting.meta_batch, repeats, clear)
 
 
-def rss_mb() -> float:
-    """This process's resident set size (VmRSS), MB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def memory_child(setting: Setting, name: str) -> None:
-    """In a fresh process: peak RSS of one step (sampled every ~1 ms) above the RSS after a warm-up
-    step and malloc_trim; prints JSON."""
+    """In a fresh process: peak RSS of one step above the RSS after a warm-up step; prints JSON."""
     model, batch = build(setting, setting.meta_batch, torch.float32)
     step = make_step(setting, name, model)
     step(batch)
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = peak = rss_mb()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_mb())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    step(batch)
-    done.set()
-    sampler.join()
-    print(json.dumps({"peak_mb": max(peak, rss_mb()) - baseline}))
+    print(json.dumps({"peak_mb": peak_rss_mb(lambda: step(batch))[0]}))
 
 
 def peak_memory(setting: Setting, name: str, args: argparse.Namespace) -> float:

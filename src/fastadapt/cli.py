@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and training episodes")
     run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    run.add_argument("--precision", choices=("fp32", "bf16"),
+                     help="bf16: CPU bf16 autocast, float32 weights and meta-gradients (default fp32)")
     run.add_argument("--out", type=Path, help="run directory (default: runs/run-<date>-<time>)")
 
     recipe = commands.add_parser("train", help="meta-train and test from a YAML recipe",

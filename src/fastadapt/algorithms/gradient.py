@@ -77,6 +77,8 @@ class GradientLearner(nn.Module):
             meta-gradients stay float32.
         checkpoint_inner_loop: keep no graph across inner steps in "loop" execution; rebuild each
             step's graph during the backward, so memory does not grow with `inner_steps`.
+        task_group: tasks whose support phase runs as one batched graph (Conv4-style models in
+            "loop" execution, `functional.task_batched`); memory grows with it.
 
     Example:
         >>> import torch
@@ -101,6 +103,7 @@ class GradientLearner(nn.Module):
         compile: bool = False,
         precision: Precision = "fp32",
         checkpoint_inner_loop: bool = False,
+        task_group: int = 4,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -138,6 +141,9 @@ class GradientLearner(nn.Module):
         self.execution: Execution = execution
         self.precision: Precision = precision
         self.checkpoint_inner_loop = checkpoint_inner_loop
+        if not isinstance(task_group, int) or task_group < 1:
+            raise ValueError(f"task_group must be an integer >= 1, got {task_group!r}")
+        self.task_group = task_group
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
         self._task_batched = task_batched_forward(model)
 
@@ -252,7 +258,7 @@ class GradientLearner(nn.Module):
         grads, outputs, losses, support_losses = batched_meta_gradients(
             self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
             step_sizes=self.step_sizes(), first_order=self.first_order, query_pass=self._query_pass,
-            wrt=trainable, autocast=self._autocast)
+            wrt=trainable, autocast=self._autocast, group=self.task_group)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}

@@ -70,6 +70,10 @@ class TaskBatch:
     def __getitem__(self, task: int) -> Episode:
         return Episode(self.support_x[task], self.support_y[task], self.query_x[task], self.query_y[task])
 
+    def split(self, size: int) -> list["TaskBatch"]:
+        """Consecutive groups of at most `size` tasks (views, no copies)."""
+        return [TaskBatch(*(getattr(self, f)[i:i + size] for f in _FIELDS)) for i in range(0, len(self), size)]
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TaskBatch":
         """Moves the tensors; `dtype` applies to the inputs `x` only (labels keep theirs)."""
         return _moved(self, device, dtype)

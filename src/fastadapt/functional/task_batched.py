@@ -111,12 +111,31 @@ def batched_meta_gradients(
     query_pass: QueryPass,
     wrt: Sequence[Tensor],
     autocast: Callable[[], object],
+    group: int = 4,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
 
-    Support phase for all tasks in one graph (`run`), the query pass task by task (its first-order
-    gradients, see `functional.split`), then one backward through the support graph.
+    Tasks go in groups of `group`: the support phase of a group in one graph (`run`), its query
+    passes task by task (first-order gradients, see `functional.split`), then one backward
+    through the group's support graph. Memory grows with `group` (one group's support graph is
+    alive at a time); speed saturates around 4 (measured, docs/performance.md).
     """
+    totals: list[Tensor | None] = [None] * len(wrt)
+    outputs: list[Tensor] = []
+    query_losses, support_losses = [], []
+    for part in batch.split(group):
+        grads, part_outputs, part_query, part_support = _group_meta_gradients(
+            run, params, part, loss_fn, steps, step_sizes, first_order, query_pass, wrt, autocast, len(batch))
+        totals = [g if t is None else t if g is None else t + g for t, g in zip(totals, grads)]
+        outputs += part_outputs
+        query_losses.append(part_query)
+        support_losses.append(part_support)
+    return totals, outputs, torch.cat(query_losses), torch.cat(support_losses)
+
+
+def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
+                          step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
+                          wrt: Sequence[Tensor], autocast: Callable[[], object], total_tasks: int):
     tasks = len(batch)
     adapted = {name: p.expand(tasks, *p.shape) for name, p in params.items()}
     per_task_loss = vmap(loss_fn)
@@ -138,6 +157,6 @@ def batched_meta_gradients(
             query_losses.append(loss)
             query_grads.append(g)
         names = [n for n, p in adapted.items() if p.requires_grad]
-        grad_outputs = [torch.stack([g[n] for g in query_grads]) / tasks for n in names]
+        grad_outputs = [torch.stack([g[n] for g in query_grads]) / total_tasks for n in names]
         meta_grads = torch.autograd.grad([adapted[n] for n in names], list(wrt), grad_outputs, allow_unused=True)
     return list(meta_grads), outputs, torch.stack(query_losses), support_losses
