@@ -35,6 +35,7 @@ def test_run_on_sinusoid_writes_results_json(tmp_path, capsys):
         (["--algo", "reptile"], "argument --algo: invalid choice: 'reptile'"),
         (["--eval-episodes", "1"], "eval_episodes must be >= 2, got 1"),
         (["--algo", "protonet"], "algorithm 'protonet' needs a classification dataset"),
+        (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     ],
 )
 def test_bad_flags_give_one_clear_line(args, message, tmp_path):
@@ -50,3 +51,10 @@ def test_missing_omniglot_names_the_path_and_the_fix(tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert str(tmp_path / "nowhere" / "omniglot") in done.stderr
     assert "FASTADAPT_DATA" in done.stderr
+
+
+def test_bf16_run_learns_and_records_its_precision(tmp_path, capsys):
+    main(["run", "--iterations", "60", "--eval-episodes", "20", "--precision", "bf16", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["precision"] == "bf16"
+    assert result["mean"] < 0.8 * result["metrics"]["loss_before"]["mean"]  # adapted beats unadapted

@@ -113,3 +113,21 @@ def test_compiled_query_pass_gives_the_eager_meta_gradient():
 
 def test_allocator_setting_applies_on_linux():
     assert keep_freed_memory() is True
+
+
+def test_checkpointed_inner_loop_of_a_model_without_the_batched_path_is_exact():
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                    torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+        g = torch.Generator().manual_seed(1)
+        batch = TaskBatch(torch.rand(2, 6, 1, 8, 8, generator=g), torch.arange(3).repeat(2).expand(2, -1).contiguous(),
+                          torch.rand(2, 9, 1, 8, 8, generator=g), torch.arange(3).repeat(3).expand(2, -1).contiguous())
+        kept = _meta_grad(MAML(model, 0.3, 3), batch)
+        rebuilt = _meta_grad(MAML(model, 0.3, 3, checkpoint_inner_loop=True), batch)
+        graph = _meta_grad(MAML(model, 0.3, 3, execution="graph"), batch)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert (rebuilt - graph).norm() <= 1e-12 * graph.norm()
+    assert (kept - graph).norm() <= 1e-12 * graph.norm()

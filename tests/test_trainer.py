@@ -141,6 +141,8 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
         ("algorithm=reptile", "algorithm must be one of maml, fomaml, metasgd, anil, protonet; got 'reptile'"),
         ("meta_lr=-1", "meta_lr must be > 0, got -1.0"),
         ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
+        ("precision=fp16", "precision must be one of fp32, bf16; got 'fp16'"),
+        ("compile=yes please", "compile must be true or false, got 'yes please' (str)"),
     ],
 )
 def test_recipe_errors_name_the_key_without_a_traceback(override, message, tmp_path):

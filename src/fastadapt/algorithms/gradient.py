@@ -227,7 +227,7 @@ class GradientLearner(nn.Module):
         params = self.meta_params()
         trainable = [p for p in self.parameters() if p.requires_grad]
         taskwise = not keep_graph and torch.is_grad_enabled() and bool(trainable)
-        if taskwise and self._task_batched is not None and not self.checkpoint_inner_loop:
+        if taskwise and self._task_batched is not None:
             return self._support_batched(batch, params, trainable)
         count = len(batch)
         losses, rows, total = [], [], None
@@ -258,7 +258,7 @@ class GradientLearner(nn.Module):
         grads, outputs, losses, support_losses = batched_meta_gradients(
             self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
             step_sizes=self.step_sizes(), first_order=self.first_order, query_pass=self._query_pass,
-            wrt=trainable, autocast=self._autocast, group=self.task_group)
+            wrt=trainable, autocast=self._autocast, group=self.task_group, checkpoint=self.checkpoint_inner_loop)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}

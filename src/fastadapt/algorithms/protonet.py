@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import forward
+from ..functional import forward, loss_with_grads
 from ..functional.fold import can_fold, fold_call
 
 __all__ = ["ProtoNet", "prototypes", "proto_logits"]
@@ -98,10 +98,27 @@ class ProtoNet(nn.Module):
         return proto_logits(z[:, n:], prototypes(z[:, :n], batch.support_y, ways))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean query cross-entropy over the batch, and metrics (means over tasks)."""
-        logits = self.batch_logits(batch)
-        metrics = {k: v.mean() for k, v in self._metrics(logits, batch.query_y).items()}
-        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten()), metrics
+        """Mean query cross-entropy over the batch, and metrics (means over tasks).
+
+        Without `fold`, each episode is back-propagated as soon as its loss exists (only one
+        episode's graph alive, `functional.taskwise`); `loss.backward()` deposits the sum.
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self.fold or not torch.is_grad_enabled() or not trainable:
+            logits = self.batch_logits(batch)
+            metrics = {k: v.mean() for k, v in self._metrics(logits, batch.query_y).items()}
+            return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten()), metrics
+        total, losses, all_logits = None, [], []
+        for t in range(len(batch)):
+            ep = batch[t]
+            logits = self._episode_logits(ep.support_x, ep.support_y, ep.query_x)
+            loss = F.cross_entropy(logits, ep.query_y)
+            grads = torch.autograd.grad(loss / len(batch), trainable, materialize_grads=True)
+            total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
+            losses.append(loss.detach())
+            all_logits.append(logits.detach())
+        metrics = {k: v.mean() for k, v in self._metrics(torch.stack(all_logits), batch.query_y).items()}
+        return loss_with_grads(torch.stack(losses).mean(), trainable, total), metrics
 
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:

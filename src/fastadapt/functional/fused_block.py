@@ -54,7 +54,7 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, ep
 def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
     """`conv_bn_relu_pool` of T tasks at once: `x (T, N, C_in, H, W)`, `weight (T, C, C_in, k, k)`,
     `gamma, beta (T, C)` -> `(T, N, C, H // 2, W // 2)`, each task with its own batch statistics."""
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         dtype = torch.promote_types(weight.dtype, torch.float32)
         x, weight, gamma, beta = (t.to(dtype) for t in (x, weight, gamma, beta))
         tasks, n, _, h, w = x.shape

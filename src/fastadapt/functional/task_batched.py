@@ -112,19 +112,23 @@ def batched_meta_gradients(
     wrt: Sequence[Tensor],
     autocast: Callable[[], object],
     group: int = 4,
+    checkpoint: bool = False,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
 
     Tasks go in groups of `group`: the support phase of a group in one graph (`run`), its query
     passes task by task (first-order gradients, see `functional.split`), then one backward
     through the group's support graph. Memory grows with `group` (one group's support graph is
-    alive at a time); speed saturates around 4 (measured, docs/performance.md).
+    alive at a time); speed saturates around 4 (measured, docs/performance.md). With
+    `checkpoint` (second order), a group keeps only each inner step's parameter values and
+    rebuilds one step's graph at a time during the backward: memory does not grow with `steps`.
     """
     totals: list[Tensor | None] = [None] * len(wrt)
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
+    one_group = _group_checkpointed if checkpoint and not first_order else _group_meta_gradients
     for part in batch.split(group):
-        grads, part_outputs, part_query, part_support = _group_meta_gradients(
+        grads, part_outputs, part_query, part_support = one_group(
             run, params, part, loss_fn, steps, step_sizes, first_order, query_pass, wrt, autocast, len(batch))
         totals = [g if t is None else t if g is None else t + g for t, g in zip(totals, grads)]
         outputs += part_outputs
@@ -150,13 +154,70 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
                                         allow_unused=True, materialize_grads=True)
             adapted = {**adapted, **{n: adapted[n] - step_sizes[n] * (g.detach() if first_order else g)
                                      for n, g in zip(names, grads)}}
-        outputs, query_losses, query_grads = [], [], []
-        for t in range(tasks):
-            output, loss, g = query_pass({n: p[t] for n, p in adapted.items()}, batch.query_x[t], batch.query_y[t])
-            outputs.append(output)
-            query_losses.append(loss)
-            query_grads.append(g)
+        outputs, query_losses, query_grads = _query_passes(query_pass, adapted, batch)
         names = [n for n, p in adapted.items() if p.requires_grad]
-        grad_outputs = [torch.stack([g[n] for g in query_grads]) / total_tasks for n in names]
+        grad_outputs = [query_grads[n] / total_tasks for n in names]
         meta_grads = torch.autograd.grad([adapted[n] for n in names], list(wrt), grad_outputs, allow_unused=True)
-    return list(meta_grads), outputs, torch.stack(query_losses), support_losses
+    return list(meta_grads), outputs, query_losses, support_losses
+
+
+def _query_passes(query_pass: QueryPass, adapted: Params, batch: TaskBatch) -> tuple[list[Tensor], Tensor, Params]:
+    """Per-task query passes; returns outputs, losses `(T,)` and gradients stacked `(T, *p.shape)`."""
+    outputs, losses, grads = [], [], []
+    for t in range(len(batch)):
+        output, loss, g = query_pass({n: p[t] for n, p in adapted.items()}, batch.query_x[t], batch.query_y[t])
+        outputs.append(output)
+        losses.append(loss)
+        grads.append(g)
+    return outputs, torch.stack(losses), {n: torch.stack([g[n] for g in grads]) for n in grads[0]}
+
+
+def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
+                        step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
+                        wrt: Sequence[Tensor], autocast: Callable[[], object], total_tasks: int):
+    tasks = len(batch)
+    names = list(step_sizes)
+    per_task_loss = vmap(loss_fn)
+    real = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
+    frozen = {n: p for n, p in real.items() if n not in step_sizes}
+
+    def inner_step(point: Params, create_graph: bool) -> tuple[Params, Tensor]:
+        with autocast():
+            losses = per_task_loss(run({**frozen, **point} if create_graph else
+                                       {**{n: p.detach() for n, p in frozen.items()}, **point}, batch.support_x),
+                                   batch.support_y)
+        grads = torch.autograd.grad(losses.sum(), [point[n] for n in names], create_graph=create_graph,
+                                    allow_unused=True, materialize_grads=True)
+        sizes = step_sizes if create_graph else {n: _detached(step_sizes[n]) for n in names}
+        return {n: point[n] - sizes[n] * g for n, g in zip(names, grads)}, losses.detach()
+
+    with torch.enable_grad():
+        trajectory = [{n: real[n].detach() for n in names}]
+        support_losses = None
+        for _ in range(steps):
+            nxt, losses = inner_step({n: p.requires_grad_() for n, p in
+                                      ((n, t.clone()) for n, t in trajectory[-1].items())}, False)
+            trajectory.append({n: p.detach() for n, p in nxt.items()})
+            support_losses = losses if support_losses is None else support_losses
+        outputs, query_losses, query_grads = _query_passes(query_pass, {**frozen, **trajectory[-1]}, batch)
+        totals: list[Tensor | None] = [None] * len(wrt)
+        index = {id(t): i for i, t in enumerate(wrt)}
+        for n in frozen:  # the query loss's direct dependence on parameters that do not adapt
+            if id(params[n]) in index:
+                totals[index[id(params[n])]] = query_grads[n].sum(0) / total_tasks
+        v = [query_grads[n] / total_tasks for n in names]
+        for point in reversed(trajectory[:-1]):
+            leaves = {n: point[n].clone().requires_grad_() for n in names}
+            nxt, _ = inner_step(leaves, True)
+            result = torch.autograd.grad([nxt[n] for n in names], [*leaves.values(), *wrt], v, allow_unused=True)
+            v = list(result[: len(names)])
+            totals = [g if t is None else t if g is None else t + g for t, g in zip(totals, result[len(names):])]
+        for n, g in zip(names, v):  # θ_0 of every task is the shared initialisation
+            if id(params[n]) in index:
+                i = index[id(params[n])]
+                totals[i] = g.sum(0) if totals[i] is None else totals[i] + g.sum(0)
+    return totals, outputs, query_losses, support_losses
+
+
+def _detached(size: Tensor | float) -> Tensor | float:
+    return size.detach() if isinstance(size, Tensor) else size
