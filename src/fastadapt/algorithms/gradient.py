@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from ..functional import Params, QueryPass, forward, inner_adapt, loss_with_grads, split_meta_gradients
+from ..functional import (Params, QueryPass, add_gradients, forward, inner_adapt, loss_with_grads, mixed_precision,
+                          split_meta_gradients)
 from ..functional.task_batched import batched_meta_gradients, task_batched_forward
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
@@ -173,9 +174,8 @@ class GradientLearner(nn.Module):
             output = forward(self.model, adapted, qx)
         return (output.float() if self.precision == "bf16" else output), support_loss
 
-    def _autocast(self):
-        dtype = _AUTOCAST[self.precision]
-        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return mixed_precision(_AUTOCAST[self.precision])
 
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
@@ -230,17 +230,17 @@ class GradientLearner(nn.Module):
         if taskwise and self._task_batched is not None:
             return self._support_batched(batch, params, trainable)
         count = len(batch)
+        step_sizes = self.step_sizes()
         losses, rows, total = [], [], None
         for t in range(count):
             ep = batch[t]
             if taskwise:
                 grads, out, loss, support_loss = split_meta_gradients(
                     self.model, params, (ep.support_x, ep.support_y), (ep.query_x, ep.query_y),
-                    loss_fn=self._loss_fn, steps=self.inner_steps, step_sizes=self.step_sizes(),
+                    loss_fn=self._loss_fn, steps=self.inner_steps, step_sizes=step_sizes,
                     first_order=self.first_order, query_pass=self._query_pass, wrt=trainable, scale=1 / count,
                     checkpoint=self.checkpoint_inner_loop, autocast_dtype=_AUTOCAST[self.precision])
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
-                total = grads if total is None else [a + g for a, g in zip(total, grads)]
+                total = add_gradients(total, grads)
             else:
                 out, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
                                                         self.inner_steps, self.first_order)
@@ -258,8 +258,7 @@ class GradientLearner(nn.Module):
         grads, outputs, losses, support_losses = batched_meta_gradients(
             self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
             step_sizes=self.step_sizes(), first_order=self.first_order, query_pass=self._query_pass,
-            wrt=trainable, autocast=self._autocast, group=self.task_group, checkpoint=self.checkpoint_inner_loop)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
+            wrt=trainable, autocast_dtype=_AUTOCAST[self.precision], group=self.task_group, checkpoint=self.checkpoint_inner_loop)
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import forward, loss_with_grads
+from ..functional import add_gradients, forward, loss_with_grads
 from ..functional.fold import can_fold, fold_call
 
 __all__ = ["ProtoNet", "prototypes", "proto_logits"]
@@ -114,7 +114,7 @@ class ProtoNet(nn.Module):
             logits = self._episode_logits(ep.support_x, ep.support_y, ep.query_x)
             loss = F.cross_entropy(logits, ep.query_y)
             grads = torch.autograd.grad(loss / len(batch), trainable, materialize_grads=True)
-            total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
+            total = add_gradients(total, grads)
             losses.append(loss.detach())
             all_logits.append(logits.detach())
         metrics = {k: v.mean() for k, v in self._metrics(torch.stack(all_logits), batch.query_y).items()}

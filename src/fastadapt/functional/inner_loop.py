@@ -54,6 +54,7 @@ def inner_adapt(
     Works under `torch.no_grad()` too (evaluation): the inner gradients are still computed.
 
     Example:
+        >>> import torch
         >>> m = torch.nn.Linear(1, 1)
         >>> p = {k: v.detach() for k, v in m.named_parameters()}
         >>> new, _ = inner_adapt(m, p, torch.ones(4, 1), torch.zeros(4, 1), loss_fn=torch.nn.functional.mse_loss,

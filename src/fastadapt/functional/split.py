@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .inner_loop import LossFn, Params, forward, inner_adapt
+from .taskwise import add_gradients, place_gradients
 
-__all__ = ["QueryPass", "split_meta_gradients"]
+__all__ = ["QueryPass", "split_meta_gradients", "mixed_precision"]
 
 
 class QueryPass:
@@ -52,7 +53,7 @@ class QueryPass:
         self._loss_and_output = torch.compile(self._eager, dynamic=False) if compile else self._eager
 
     def _eager(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with _autocast(self.autocast_dtype):
+        with mixed_precision(self.autocast_dtype):
             output = forward(self.model, params, x)
             return self.loss_fn(output, y), output
 
@@ -65,7 +66,8 @@ class QueryPass:
         return output.detach().to(loss.dtype), loss.detach(), dict(zip(leaves, grads))
 
 
-def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def mixed_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """CPU autocast to `dtype`, or nothing for None (full precision)."""
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -103,7 +105,7 @@ def split_meta_gradients(
     """
     adapt: Callable[..., tuple[Params, Tensor | None]] = lambda start, n, fo: inner_adapt(  # noqa: E731
         model, start, *support, loss_fn=loss_fn, steps=n, step_sizes=step_sizes, first_order=fo)
-    with torch.enable_grad(), _autocast(autocast_dtype):
+    with torch.enable_grad(), mixed_precision(autocast_dtype):
         if checkpoint and not first_order:
             with torch.no_grad():
                 trajectory, support_loss = _trajectory(adapt, params, steps)
@@ -139,16 +141,7 @@ def _backward_checkpointed(adapt: Callable[..., tuple[Params, Tensor | None]], p
                            wrt: Sequence[Tensor], scale: float) -> list[Tensor | None]:
     """Jᵀv step by step from the last inner step to the first, rebuilding one step's graph at a time."""
     frozen = {n: p for n, p in params.items() if n not in adapted_names}
-    totals: list[Tensor | None] = [None] * len(wrt)
-
-    def accumulate(position: int, grad: Tensor | None) -> None:
-        if grad is not None:
-            totals[position] = grad if totals[position] is None else totals[position] + grad
-
-    index = {id(t): i for i, t in enumerate(wrt)}
-    for name, param in frozen.items():
-        if id(param) in index:
-            accumulate(index[id(param)], query_grads[name] * scale)
+    totals = place_gradients({name: query_grads[name] * scale for name in frozen}, params, wrt)
     v = [query_grads[n] * scale for n in adapted_names]
     for point in reversed(trajectory[:-1]):
         leaves = {n: point[n].detach().requires_grad_() for n in adapted_names}
@@ -156,10 +149,6 @@ def _backward_checkpointed(adapt: Callable[..., tuple[Params, Tensor | None]], p
         result = torch.autograd.grad([nxt[n] for n in adapted_names], [*leaves.values(), *wrt],
                                      grad_outputs=v, allow_unused=True)
         v = list(result[: len(leaves)])
-        for position, grad in enumerate(result[len(leaves):]):
-            accumulate(position, grad)
-    for name, grad in zip(adapted_names, v):
-        if id(params[name]) in index:
-            accumulate(index[id(params[name])], grad)
-    return totals
+        totals = add_gradients(totals, result[len(leaves):])
+    return add_gradients(totals, place_gradients(dict(zip(adapted_names, v)), params, wrt))
 

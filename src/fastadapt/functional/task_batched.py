@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from .fused_block import fused_forward, is_fusable, tasks_conv_bn_relu_pool
+from .fused_block import fused_forward, tasks_conv_bn_relu_pool
 from .inner_loop import LossFn, Params
-from .split import QueryPass
+from .split import QueryPass, mixed_precision
+from .taskwise import add_gradients, place_gradients
 
 __all__ = ["task_batched_forward", "batched_meta_gradients"]
 
@@ -55,7 +56,7 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         return None
 
     # The first block reordered (functional.fused_block) whenever the per-task forward does so.
-    reorder = fused_forward(model) is not None and is_fusable([m for _, m in layers[:4]])
+    reorder = fused_forward(model) is not None
     eps = layers[1][1].eps if reorder else 0.0
 
     def run(params: Params, x: Tensor) -> Tensor:
@@ -110,7 +111,7 @@ def batched_meta_gradients(
     first_order: bool,
     query_pass: QueryPass,
     wrt: Sequence[Tensor],
-    autocast: Callable[[], object],
+    autocast_dtype: torch.dtype | None = None,
     group: int = 4,
     checkpoint: bool = False,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
@@ -123,41 +124,41 @@ def batched_meta_gradients(
     `checkpoint` (second order), a group keeps only each inner step's parameter values and
     rebuilds one step's graph at a time during the backward: memory does not grow with `steps`.
     """
-    totals: list[Tensor | None] = [None] * len(wrt)
+    totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
     one_group = _group_checkpointed if checkpoint and not first_order else _group_meta_gradients
     for part in batch.split(group):
         grads, part_outputs, part_query, part_support = one_group(
-            run, params, part, loss_fn, steps, step_sizes, first_order, query_pass, wrt, autocast, len(batch))
-        totals = [g if t is None else t if g is None else t + g for t, g in zip(totals, grads)]
+            run, params, part, loss_fn, steps, step_sizes, first_order, query_pass, wrt, autocast_dtype, len(batch))
+        totals = add_gradients(totals, grads)
         outputs += part_outputs
         query_losses.append(part_query)
         support_losses.append(part_support)
-    return totals, outputs, torch.cat(query_losses), torch.cat(support_losses)
+    return totals or [], outputs, torch.cat(query_losses), torch.cat(support_losses)
 
 
 def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
                           step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
-                          wrt: Sequence[Tensor], autocast: Callable[[], object], total_tasks: int):
+                          wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
     adapted = {name: p.expand(tasks, *p.shape) for name, p in params.items()}
     per_task_loss = vmap(loss_fn)
+    names = list(step_sizes)
     support_losses = None
     with torch.enable_grad():
         for _ in range(steps):
-            with autocast():
+            with mixed_precision(autocast_dtype):
                 losses = per_task_loss(run(adapted, batch.support_x), batch.support_y)
             support_losses = losses.detach() if support_losses is None else support_losses
-            names = list(step_sizes)
             grads = torch.autograd.grad(losses.sum(), [adapted[n] for n in names], create_graph=not first_order,
                                         allow_unused=True, materialize_grads=True)
             adapted = {**adapted, **{n: adapted[n] - step_sizes[n] * (g.detach() if first_order else g)
                                      for n, g in zip(names, grads)}}
         outputs, query_losses, query_grads = _query_passes(query_pass, adapted, batch)
-        names = [n for n, p in adapted.items() if p.requires_grad]
-        grad_outputs = [query_grads[n] / total_tasks for n in names]
-        meta_grads = torch.autograd.grad([adapted[n] for n in names], list(wrt), grad_outputs, allow_unused=True)
+        differentiable = [n for n, p in adapted.items() if p.requires_grad]
+        meta_grads = torch.autograd.grad([adapted[n] for n in differentiable], list(wrt),
+                                         [query_grads[n] / total_tasks for n in differentiable], allow_unused=True)
     return list(meta_grads), outputs, query_losses, support_losses
 
 
@@ -174,7 +175,7 @@ def _query_passes(query_pass: QueryPass, adapted: Params, batch: TaskBatch) -> t
 
 def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
                         step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
-                        wrt: Sequence[Tensor], autocast: Callable[[], object], total_tasks: int):
+                        wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
     names = list(step_sizes)
     per_task_loss = vmap(loss_fn)
@@ -182,7 +183,7 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
     frozen = {n: p for n, p in real.items() if n not in step_sizes}
 
     def inner_step(point: Params, create_graph: bool) -> tuple[Params, Tensor]:
-        with autocast():
+        with mixed_precision(autocast_dtype):
             losses = per_task_loss(run({**frozen, **point} if create_graph else
                                        {**{n: p.detach() for n, p in frozen.items()}, **point}, batch.support_x),
                                    batch.support_y)
@@ -200,22 +201,17 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
             trajectory.append({n: p.detach() for n, p in nxt.items()})
             support_losses = losses if support_losses is None else support_losses
         outputs, query_losses, query_grads = _query_passes(query_pass, {**frozen, **trajectory[-1]}, batch)
-        totals: list[Tensor | None] = [None] * len(wrt)
-        index = {id(t): i for i, t in enumerate(wrt)}
-        for n in frozen:  # the query loss's direct dependence on parameters that do not adapt
-            if id(params[n]) in index:
-                totals[index[id(params[n])]] = query_grads[n].sum(0) / total_tasks
+        # the query loss's direct dependence on parameters that do not adapt
+        totals = place_gradients({n: query_grads[n].sum(0) / total_tasks for n in frozen}, params, wrt)
         v = [query_grads[n] / total_tasks for n in names]
         for point in reversed(trajectory[:-1]):
             leaves = {n: point[n].clone().requires_grad_() for n in names}
             nxt, _ = inner_step(leaves, True)
             result = torch.autograd.grad([nxt[n] for n in names], [*leaves.values(), *wrt], v, allow_unused=True)
             v = list(result[: len(names)])
-            totals = [g if t is None else t if g is None else t + g for t, g in zip(totals, result[len(names):])]
-        for n, g in zip(names, v):  # θ_0 of every task is the shared initialisation
-            if id(params[n]) in index:
-                i = index[id(params[n])]
-                totals[i] = g.sum(0) if totals[i] is None else totals[i] + g.sum(0)
+            totals = add_gradients(totals, result[len(names):])
+        # θ_0 of every task is the shared initialisation
+        totals = add_gradients(totals, place_gradients({n: g.sum(0) for n, g in zip(names, v)}, params, wrt))
     return totals, outputs, query_losses, support_losses
 
 
