@@ -26,16 +26,16 @@ def _reference_block(x, w, b, gamma, beta):
 @pytest.mark.parametrize("channels,size,kernel", [(1, 28, 3), (3, 20, 3), (1, 9, 3), (2, 12, 5)])
 def test_reordered_block_matches_pytorch_layers_to_second_order(channels, size, kernel):
     g = torch.Generator().manual_seed(channels * size)
-    x = torch.rand(6, channels, size, size, generator=g, dtype=torch.float64)
+    x = torch.rand(6, channels, size, size, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, channels, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, generator=g, dtype=torch.float64)
     gamma = (torch.rand(8, generator=g, dtype=torch.float64) * 3 - 1.5).requires_grad_()  # negative scales too
     beta = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     probe = torch.randn(8, channels, kernel, kernel, generator=g, dtype=torch.float64)
 
-    def first_and_second(out):
-        gw, gg, gb = torch.autograd.grad((out ** 3).sum(), [w, gamma, beta], create_graph=True)
-        return [gw, gg, gb, *torch.autograd.grad((gw * probe).sum(), [w, gamma, beta])]
+    def first_and_second(out):  # gradients w.r.t. the input too (adversarial attacks need them)
+        gx, gw, gg, gb = torch.autograd.grad((out ** 3).sum(), [x, w, gamma, beta], create_graph=True)
+        return [gx, gw, gg, gb, *torch.autograd.grad((gw * probe).sum() + gx.sum(), [x, w, gamma, beta])]
 
     ref = _reference_block(x, w, b, gamma, beta)
     out = conv_bn_relu_pool(x, w, gamma, beta)

@@ -12,8 +12,10 @@ BatchNorm and ReLU at all:
 - Mean and variance of the conv output come from the patch mean m and covariance S (K x K):
   E[y] = w.m (+ bias, which BatchNorm removes), Var[y] = w' S w.
 
-Plain torch ops, so autograd differentiates it to any order (second-order MAML's inner loop
-included). Exact in exact arithmetic (the float64 tests compare it with PyTorch's layers to
+The conv output is computed a few images at a time and max-pooled at once; only the patches and
+16-bit pooling indices are kept for the backward (the full-resolution output, 15 MB per Omniglot
+query set, never exists whole). The backward is made of differentiable torch ops, so autograd
+differentiates the block to any order (second-order MAML's inner loop included). Exact in exact arithmetic (the float64 tests compare it with PyTorch's layers to
 1e-12); in floating point a max-pool tie PyTorch breaks one way may break the other, as between
 any two correct implementations.
 """
@@ -58,27 +60,24 @@ def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tens
         dtype = torch.promote_types(weight.dtype, torch.float32)
         x, weight, gamma, beta = (t.to(dtype) for t in (x, weight, gamma, beta))
         tasks, n, _, h, w = x.shape
-        channels, kernel = weight.shape[1], weight.shape[-2:]
-        patches = F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))   # (T*N, K, H*W)
-        patches = patches.view(tasks, n, -1, h * w).transpose(2, 3).reshape(tasks, n * h * w, -1)  # (T, N*H*W, K)
+        channels = weight.shape[1]
+        patches = _patch_rows(x, weight.shape[-2:])                                   # (T, N*H*W, K)
         mean_patch = patches.mean(1, keepdim=True)                                    # (T, 1, K)
         centred = patches - mean_patch
         covariance = centred.transpose(1, 2) @ centred / patches.shape[1]             # (T, K, K)
         w2 = weight.reshape(tasks, channels, -1)                                      # (T, C, K)
         rstd = (((w2 @ covariance) * w2).sum(2) + eps).rsqrt()                      # (T, C): 1 / sigma of the conv output
         sign = torch.where(gamma * rstd < 0, -1.0, 1.0).to(dtype).detach()
-        # The conv output times the sign of BatchNorm's scale, channels last; the pool picks winners.
+        # The conv output times the sign of BatchNorm's scale; the pool picks each window's winner.
         # (A contiguous K x C right factor: its gradient is then patches' @ grad, 5-20x faster
         # here than the transposed product autograd picks for a transposed view.)
         right = (w2 * sign[..., None]).transpose(1, 2).contiguous()                  # (T, K, C)
-        best = _pooled_conv(patches, right, h, w)                                     # (T, N, C, H/2, W/2)
-
-        def per_channel(v: Tensor) -> Tensor:
-            return v.reshape(tasks, 1, channels, 1, 1)
-
-        centre = (mean_patch @ w2.transpose(1, 2)).squeeze(1)                         # (T, C): mean of the conv output
-        yhat = (best * per_channel(sign) - per_channel(centre)) * per_channel(rstd)
-        return F.relu(per_channel(gamma) * yhat + per_channel(beta))
+        best = _pooled_product(patches, right, h, w)                                  # (T, N*H/2*W/2, C)
+        # BatchNorm's affine map and the sign folded into one scale and shift per channel.
+        scale = gamma * rstd * sign
+        shift = beta - gamma * rstd * (mean_patch @ w2.transpose(1, 2)).squeeze(1)
+        out = F.relu(torch.addcmul(shift[:, None], best, scale[:, None]))
+        return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Callable | None]" = weakref.WeakKeyDictionary()
@@ -131,12 +130,86 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
     return run
 
 
-def _pooled_conv(patches: Tensor, right: Tensor, h: int, w: int) -> Tensor:
-    """max_pool2d of `patches @ right` laid out as images: `(T, n*h*w, K) -> (T, n, C, h//2, w//2)`."""
-    tasks, rows, channels = patches.shape[0], patches.shape[1], right.shape[-1]
-    product = patches[0] @ right[0] if tasks == 1 else patches @ right  # mm beats a one-task bmm
-    pooled = F.max_pool2d(product.view(-1, h, w, channels).permute(0, 3, 1, 2), 2)
-    return pooled.view(tasks, rows // (h * w), *pooled.shape[1:])
+def _patch_rows(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """Conv input patches of `x (T, N, C_in, H, W)` as rows `(T, N*H*W, K)`, image by image."""
+    tasks, n, _, h, w = x.shape
+    patches = F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))  # (T*N, K, H*W)
+    return patches.view(tasks, n, -1, h * w).transpose(2, 3).reshape(tasks, n * h * w, -1)
+
+
+# Images whose conv output is computed at a time: about 1 MB of it per task, so the full-resolution
+# product never exists whole (15 MB for an Omniglot query set) and each chunk stays in cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _pooled_product(patches: Tensor, right: Tensor, h: int, w: int) -> Tensor:
+    """`max_pool2d(patches @ right, 2)` over image-ordered rows: `(T, N*H*W, K), (T, K, C)` ->
+    `(T, N*(H//2)*(W//2), C)`. Keeps the inputs and the pooling indices, not the product."""
+    if torch.is_grad_enabled() and (patches.requires_grad or right.requires_grad):
+        return _PooledProduct.apply(patches, right, h, w)[0]
+    return torch.cat([_pool_chunk(patches[:, rows] @ right, h, w, False)[0]
+                      for rows in _image_chunks(patches, right, h, w)], 1)
+
+
+def _pool_chunk(product: Tensor, h: int, w: int, indices: bool) -> tuple[Tensor, Tensor | None]:
+    """max_pool2d of one chunk `(T, n*h*w, C)` -> rows `(T, n*(h//2)*(w//2), C)`, and its indices."""
+    tasks, channels = product.shape[0], product.shape[-1]
+    images = product.view(-1, h, w, channels).permute(0, 3, 1, 2)                 # channels last
+    if not indices:
+        return F.max_pool2d(images, 2).permute(0, 2, 3, 1).reshape(tasks, -1, channels), None
+    pooled, where = F.max_pool2d(images, 2, return_indices=True)
+    # Positions within an image plane fit 16 bits for planes up to 181 x 181 (a quarter of int64).
+    small = where.to(torch.int16 if h * w <= torch.iinfo(torch.int16).max else torch.int32)
+    return pooled.permute(0, 2, 3, 1).reshape(tasks, -1, channels), small
+
+
+class _PooledProduct(torch.autograd.Function):
+    """`_pooled_product` whose backward rebuilds each chunk's full-resolution gradient from the
+    pooling indices. Made of differentiable ops, so second-order MAML differentiates through it;
+    `setup_context` makes it usable under `torch.func` transforms (the inner loop's `grad`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(patches: Tensor, right: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        chunks = [_pool_chunk(patches[:, rows] @ right, h, w, True) for rows in _image_chunks(patches, right, h, w)]
+        return torch.cat([v for v, _ in chunks], 1), torch.cat([i for _, i in chunks], 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        patches, right, ctx.h, ctx.w = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(patches, right, output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        patches, right, indices = ctx.saved_tensors
+        h, w = ctx.h, ctx.w
+        tasks, channels = right.shape[0], right.shape[-1]
+        grad_patches, grad_right = [], None
+        pooled_rows, done = (h // 2) * (w // 2), 0
+        for rows in _image_chunks(patches, right, h, w):
+            images = (rows.stop - rows.start) // (h * w)
+            g = grad[:, rows.start // (h * w) * pooled_rows: rows.stop // (h * w) * pooled_rows]
+            g = g.reshape(tasks * images, h // 2, w // 2, channels).permute(0, 3, 1, 2)
+            shape = torch.empty(tasks * images, channels, h, w, dtype=grad.dtype, memory_format=torch.channels_last)
+            full = torch.ops.aten.max_pool2d_with_indices_backward(
+                g, shape, [2, 2], [2, 2], [0, 0], [1, 1], False, indices[done: done + tasks * images].long())
+            done += tasks * images
+            full = full.permute(0, 2, 3, 1).reshape(tasks, -1, channels)           # (T, n*h*w, C)
+            if ctx.needs_input_grad[1]:
+                part = patches[:, rows].transpose(1, 2) @ full
+                grad_right = part if grad_right is None else grad_right + part
+            if ctx.needs_input_grad[0]:
+                grad_patches.append(full @ right.transpose(1, 2))
+        return (torch.cat(grad_patches, 1) if ctx.needs_input_grad[0] else None), grad_right, None, None
+
+
+def _image_chunks(patches: Tensor, right: Tensor, h: int, w: int) -> list[slice]:
+    """Row slices of whole images, about `_CHUNK_ELEMENTS` products per task each."""
+    per_image = h * w
+    images, step = patches.shape[1] // per_image, max(1, _CHUNK_ELEMENTS // (right.shape[-1] * per_image))
+    return [slice(i * per_image, min(i + step, images) * per_image) for i in range(0, images, step)]
 
 
 def is_fusable(block: list[nn.Module]) -> bool:
