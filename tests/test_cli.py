@@ -32,7 +32,7 @@ def test_run_on_sinusoid_writes_results_json(tmp_path, capsys):
     [
         (["--shots", "0"], "argument --shots: expected a positive integer, got 0"),
         (["--inner-lr", "abc"], "argument --inner-lr: expected a positive number, got 'abc'"),
-        (["--algo", "reptile"], "argument --algo: invalid choice: 'reptile'"),
+        (["--algo", "mama"], "argument --algo: invalid choice: 'mama'"),
         (["--eval-episodes", "1"], "eval_episodes must be >= 2, got 1"),
         (["--algo", "protonet"], "algorithm 'protonet' needs a classification dataset"),
         (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),

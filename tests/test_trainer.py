@@ -138,7 +138,8 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
         ("shotz=3", "unknown config key 'shotz' (did you mean 'shots'?)"),
         ("shots=three", "shots must be an integer, got 'three' (str)"),
         ("shots=0", "shots must be >= 1, got 0"),
-        ("algorithm=reptile", "algorithm must be one of maml, fomaml, metasgd, anil, protonet; got 'reptile'"),
+        ("algorithm=mama", "algorithm must be one of maml, fomaml, metasgd, anil, protonet, imaml, baseline, maml++, "
+                           "reptile, matchingnet; got 'mama'"),
         ("meta_lr=-1", "meta_lr must be > 0, got -1.0"),
         ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
         ("precision=fp16", "precision must be one of fp32, bf16; got 'fp16'"),

@@ -81,9 +81,9 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     config = run_config(run_dir)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
-    if ways is not None and ways != config.ways and config.algorithm != "protonet":
+    if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
         raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
-                          f"outputs; it cannot be evaluated {ways}-way (ProtoNet can)")
+                          f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
     learner = build_learner(config)
     best = run_dir / "checkpoints" / "best.json"
     if best.is_file():
@@ -99,7 +99,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     ways, shots = ways or config.ways, shots or config.shots
     result = {
         "dataset": config.dataset, "ways": ways, "shots": shots,
-        "inner_steps": None if config.algorithm == "protonet" else steps,
+        "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse",
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95, "checkpoint": source.name,
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},

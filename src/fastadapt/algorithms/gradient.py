@@ -4,6 +4,11 @@
 - FOMAML: inner gradients treated as constants (`first_order=True`).
 - Meta-SGD: one learned step size per parameter entry (`learn_inner_lr=True`).
 - ANIL: only the head adapts (`adapt="head"`), the body is shared by all tasks.
+- MAML++ (Antoniou et al. 2019): per-step learned rates, multi-step loss, per-step BatchNorm
+  weights and statistics, derivative-order annealing (`MAMLPlusPlus`, `algorithms.mamlpp`).
+
+The inner optimizer (`inner_optimizer=`) is SGD by default, or momentum or Adam, differentiable
+to second order (`functional.optim`).
 
 Execution over a `TaskBatch` (`execution=`):
 - "loop": tasks one after another, each task back-propagated as soon as its loss exists so only
@@ -15,21 +20,31 @@ Execution over a `TaskBatch` (`execution=`):
 - "graph": the same loop keeping every task's graph; the loss supports any further autograd use.
 - "vmap": all tasks in one `torch.func.vmap` call; the default for models made only of layers
   whose vmap rules are exact (Linear, activations, Flatten, Dropout), e.g. the sinusoid MLP.
+
+Every path supports every inner optimizer and per-step rates exactly. The task-batched support
+phase of "loop" is used only without per-step BatchNorm and outside the multi-step-loss phase
+(otherwise "loop" runs task by task, still exact); `checkpoint_inner_loop` supports plain SGD
+with constant rates only and refuses the rest at construction.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from ..functional import (Params, QueryPass, add_gradients, forward, inner_adapt, loss_with_grads, mixed_precision,
-                          split_meta_gradients)
+from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
+                          mixed_precision, split_meta_gradients)
+from ..functional.fused_block import set_fusion
+from ..functional.inner_loop import StepHooks
+from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
+from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
 from ..functional.task_batched import batched_meta_gradients, task_batched_forward
+from .annealing import multi_step_loss_weights
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "AdaptedModel"]
@@ -49,14 +64,18 @@ class AdaptedModel:
     """The model with task-adapted parameters: `learner(x)` predicts for that task.
 
     Holds parameters, not a copy of the module; calling it never changes the original model.
+    `context` (optional) gives the context each prediction runs in (per-step BatchNorm statistics).
     """
 
-    def __init__(self, model: nn.Module, params: Params) -> None:
+    def __init__(self, model: nn.Module, params: Params,
+                 context: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.model = model
         self.params = params
+        self.context = context
 
     def __call__(self, x: Tensor) -> Tensor:
-        return forward(self.model, self.params, x)
+        with self.context() if self.context is not None else contextlib.nullcontext():
+            return forward(self.model, self.params, x)
 
 
 class GradientLearner(nn.Module):
@@ -79,7 +98,26 @@ class GradientLearner(nn.Module):
         checkpoint_inner_loop: keep no graph across inner steps in "loop" execution; rebuild each
             step's graph during the backward, so memory does not grow with `inner_steps`.
         task_group: tasks whose support phase runs as one batched graph (Conv4-style models in
-            "loop" execution, `functional.task_batched`); memory grows with it.
+            "loop" execution, `functional.task_batched`). Memory grows with it; 2 (the default)
+            ran 3-7% slower than 4 with 25-30% less peak memory (benchmarks/memory_vs_steps.py).
+        inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
+            `inner_lr` (or the learned rates); or a function `rate -> InnerOptimizer`
+            (`functional.optim`). Its state starts afresh for every task.
+        per_step_inner_lr: learn one inner rate per adapted parameter tensor and inner step,
+            initialised at `inner_lr` (MAML++ LSLR). Not with `learn_inner_lr`.
+        multi_step_loss_iterations: for the first this many outer iterations, the query loss is
+            MAML++'s multi-step loss, a weighted sum of the query losses after every inner step,
+            the weights annealed towards the last step (`algorithms.annealing`); 0: off.
+        per_step_bn_weights: BatchNorm weights and biases per inner step, meta-learned and not
+            adapted in the inner loop (MAML++ BNWB; `functional.step_norm`).
+        per_step_bn_statistics: per-step BatchNorm running statistics (MAML++ BNRS), updated in
+            training, where batch statistics still normalise; evaluation (`task_metrics`,
+            `adapt`) normalises with them instead, inductively. See `functional.step_norm`.
+        first_order_iterations: derivative-order annealing: first-order meta-gradients for the
+            first this many outer iterations, then second order.
+
+    The outer iteration that the last two count is `iteration`, advanced by each `meta_loss`
+    call with gradients enabled and saved in the state dict (so a resumed run continues it).
 
     Example:
         >>> import torch
@@ -104,7 +142,13 @@ class GradientLearner(nn.Module):
         compile: bool = False,
         precision: Precision = "fp32",
         checkpoint_inner_loop: bool = False,
-        task_group: int = 4,
+        task_group: int = 2,
+        inner_optimizer: str | Callable[[LearningRate], InnerOptimizer] = "sgd",
+        per_step_inner_lr: bool = False,
+        multi_step_loss_iterations: int = 0,
+        per_step_bn_weights: bool = False,
+        per_step_bn_statistics: bool = False,
+        first_order_iterations: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -115,12 +159,54 @@ class GradientLearner(nn.Module):
             raise ValueError(f"execution must be 'auto', 'loop', 'graph' or 'vmap', got {execution!r}")
         if precision not in _AUTOCAST:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if not (callable(inner_optimizer) or inner_optimizer in INNER_OPTIMIZERS):
+            raise ValueError(f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)} (or a function "
+                             f"rate -> InnerOptimizer), got {inner_optimizer!r}")
+        for name, value in (("multi_step_loss_iterations", multi_step_loss_iterations),
+                            ("first_order_iterations", first_order_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if per_step_inner_lr and learn_inner_lr:
+            raise ValueError("per_step_inner_lr (one rate per tensor and step) and learn_inner_lr (one rate per "
+                             "entry, Meta-SGD) are two ways of learning the inner rates; choose one")
+        if first_order and first_order_iterations:
+            raise ValueError(f"first_order_iterations={first_order_iterations} anneals from first to second order, "
+                             "but the learner is first order throughout (first_order=True)")
+        per_step_norm = per_step_bn_weights or per_step_bn_statistics
+        if checkpoint_inner_loop and (inner_optimizer != "sgd" or per_step_inner_lr or per_step_norm
+                                      or multi_step_loss_iterations):
+            raise ValueError("checkpoint_inner_loop supports plain SGD with constant rates only; it is refused with "
+                             "inner_optimizer other than 'sgd', per_step_inner_lr, per-step BatchNorm or "
+                             "multi_step_loss_iterations")
+        if compile and per_step_bn_statistics:
+            raise ValueError("compile=True is not supported with per_step_bn_statistics (its statistics intercept "
+                             "batch_norm calls in the query pass); set one of them to False")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.task = check_kind(task)
-        self.adapt_names = _select(model, adapt)
+        self.inner_optimizer = inner_optimizer
+        self._make_optimizer = INNER_OPTIMIZERS[inner_optimizer] if isinstance(inner_optimizer, str) else inner_optimizer
+        self.step_norm = (PerStepBatchNorm(model, inner_steps, weights=per_step_bn_weights,
+                                           statistics=per_step_bn_statistics) if per_step_norm else None)
+        if per_step_bn_statistics:
+            set_fusion(model, False)  # the statistics need every BatchNorm to run through F.batch_norm
+        # With per-step BatchNorm weights the layers' own weights and biases are replaced, not adapted.
+        replaced = ({f"{name}.{kind}" for name, _ in batch_norm_layers(model) for kind in ("weight", "bias")}
+                    if per_step_bn_weights else set())
+        self.adapt_names = [n for n in _select(model, adapt) if n not in replaced]
+        if not self.adapt_names:
+            raise ValueError(f"adapt={adapt!r} leaves nothing to adapt once per-step BatchNorm weights replace "
+                             "the BatchNorm parameters")
+        self.per_step_lrs = (
+            nn.ParameterList(nn.Parameter(torch.full((inner_steps,), float(inner_lr))) for _ in self.adapt_names)
+            if per_step_inner_lr else None
+        )
+        self.multi_step_loss_iterations = multi_step_loss_iterations
+        self.first_order_iterations = first_order_iterations
+        if multi_step_loss_iterations or first_order_iterations:
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.inner_lrs = (
             nn.ParameterList(
                 nn.Parameter(torch.full_like(p, inner_lr, requires_grad=True))
@@ -153,26 +239,86 @@ class GradientLearner(nn.Module):
         """The model's parameters by name (views of the live ones: the initialisation)."""
         return dict(self.model.named_parameters())
 
-    def step_sizes(self) -> dict[str, Tensor | float]:
-        """Inner step size per adapted parameter: learned tensors (Meta-SGD) or the constant."""
+    def step_sizes(self, step: int = 0) -> dict[str, Tensor | float]:
+        """Inner step size per adapted parameter at inner step `step` (0-based): learned tensors
+        (Meta-SGD, or per step with `per_step_inner_lr`) or the constant."""
+        if self.per_step_lrs is not None:
+            return {name: rates[step] for name, rates in zip(self.adapt_names, self.per_step_lrs)}
         if self.inner_lrs is None:
             return {name: self.inner_lr for name in self.adapt_names}
         return dict(zip(self.adapt_names, self.inner_lrs))
 
+    def inner_optimizer_for_task(self) -> InnerOptimizer:
+        """The inner optimizer at the current (possibly learned, per-step) rates."""
+        rates: LearningRate = (
+            [self.step_sizes(k) for k in range(self.inner_steps)] if self.per_step_lrs is not None
+            else self.step_sizes())
+        return self._make_optimizer(rates)
+
+    @property
+    def current_iteration(self) -> int:
+        """The outer iteration the schedules (multi-step loss, derivative order) are at."""
+        return int(self.iteration) if hasattr(self, "iteration") else 0
+
+    def uses_first_order(self) -> bool:
+        """Whether the next meta-gradient is first order (FOMAML, or derivative-order annealing)."""
+        return self.first_order or self.current_iteration < self.first_order_iterations
+
+    def step_weights(self) -> list[float] | None:
+        """The multi-step loss weights of the next meta-gradient (one per inner step), or None:
+        only the query loss after the last step."""
+        if not self.multi_step_loss_iterations:
+            return None
+        return multi_step_loss_weights(self.inner_steps, self.current_iteration, self.multi_step_loss_iterations)
+
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
         return task_loss(self.task, output, target)
 
-    def _adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool) -> tuple[Params, Tensor | None]:
-        return inner_adapt(
-            self.model, params, x, y, loss_fn=self._loss_fn, steps=steps,
-            step_sizes=self.step_sizes(), first_order=first_order,
-        )
+    def _plain_sgd(self) -> bool:
+        return self.inner_optimizer == "sgd" and self.per_step_lrs is None
 
-    def _task_forward(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool):
+    def _inner_spec(self) -> dict:
+        """The engine's inner-loop arguments: `step_sizes` for plain SGD, else `optimizer` and `names`."""
+        if self._plain_sgd():
+            return {"step_sizes": self.step_sizes()}
+        return {"optimizer": self.inner_optimizer_for_task(), "names": self.adapt_names}
+
+    def _hooks(self, training: bool) -> StepHooks | None:
+        """Per-step BatchNorm hooks; training statistics are updated only when gradients are on."""
+        if self.step_norm is None:
+            return None
+        return self.step_norm.hooks(training, update=training and torch.is_grad_enabled())
+
+    def _check_steps(self, steps: int) -> int:
+        if (self.per_step_lrs is not None or self.step_norm is not None) and steps > self.inner_steps:
+            raise ValueError(f"this learner has per-step rates or BatchNorm for {self.inner_steps} inner steps; "
+                             f"{steps} were asked for (use at most {self.inner_steps})")
+        return steps
+
+    def _forward_at(self, params: Params, step: int, x: Tensor, hooks: StepHooks | None) -> Tensor:
+        """The model at the parameters of inner step `step`, with that step's BatchNorm (if per step)."""
+        if hooks is None:
+            return forward(self.model, params, x)
+        with hooks.context(step):
+            return forward(self.model, {**params, **hooks.params(step)}, x)
+
+    def _task_forward(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool,
+                      hooks: StepHooks | None, qy: Tensor | None = None, weights: Sequence[float] | None = None):
+        """Adapts on the support set; returns the query output after the last step, the query loss
+        (multi-step with `weights`; None without `qy`) and the support loss before adapting."""
+        chosen = range(steps, steps + 1) if weights is None else [k for k in range(1, steps + 1)
+                                                                  if weights[k - 1] > 0 or k == steps]
         with self._autocast():
-            adapted, support_loss = self._adapt(params, sx, sy, steps, first_order)
-            output = forward(self.model, adapted, qx)
-        return (output.float() if self.precision == "bf16" else output), support_loss
+            points, support_loss = inner_trajectory(self.model, params, sx, sy, loss_fn=self._loss_fn, steps=steps,
+                                                    first_order=first_order, hooks=hooks, **self._inner_spec())
+            outputs = {k: self._forward_at(points[k], k, qx, hooks) for k in chosen}
+        if self.precision == "bf16":
+            outputs = {k: o.float() for k, o in outputs.items()}
+        loss = None
+        if qy is not None:
+            loss = (self._loss_fn(outputs[steps], qy) if weights is None
+                    else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
+        return outputs[steps], loss, support_loss
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return mixed_precision(_AUTOCAST[self.precision])
@@ -182,6 +328,8 @@ class GradientLearner(nn.Module):
         """Adapts to one task's support set and returns the adapted predictor.
 
         Differentiable w.r.t. the meta-parameters (unless `first_order`) when grad mode is on.
+        With per-step BatchNorm statistics it adapts and predicts as evaluation does (normalised
+        by the running statistics).
 
         Example:
             >>> import torch
@@ -191,19 +339,31 @@ class GradientLearner(nn.Module):
             >>> learner(torch.rand(3, 1, 28, 28)).shape
             torch.Size([3, 5])
         """
-        params, _ = self._adapt(self.meta_params(), support_x, support_y, steps or self.inner_steps, self.first_order)
-        return AdaptedModel(self.model, params)
+        steps = self._check_steps(steps or self.inner_steps)
+        hooks = self._hooks(training=False)
+        points, _ = inner_trajectory(self.model, self.meta_params(), support_x, support_y, loss_fn=self._loss_fn,
+                                     steps=steps, first_order=self.first_order, hooks=hooks, **self._inner_spec())
+        if hooks is None:
+            return AdaptedModel(self.model, points[-1])
+        return AdaptedModel(self.model, {**points[-1], **hooks.params(steps)}, lambda: hooks.context(steps))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query loss over the batch after adaptation, and detached metrics (means over tasks).
 
-        Metrics: `loss`, `accuracy` (classification), `support_loss` (before adaptation).
-        `loss.backward()` gives the exact meta-gradient.
+        Metrics: `loss`, `accuracy` (classification), `support_loss` (before adaptation). During
+        the multi-step-loss phase the loss is the weighted multi-step loss (metrics: after the last
+        step). `loss.backward()` gives the exact meta-gradient. With gradients enabled, advances
+        `iteration` (the schedules' clock).
         """
+        first_order, weights = self.uses_first_order(), self.step_weights()
         if self.execution == "vmap":
-            losses, metrics = self._vmapped(batch, self.inner_steps, self.first_order)
-            return losses.mean(), {k: v.mean() for k, v in metrics.items()}
-        return self._looped(batch, keep_graph=self.execution == "graph")
+            losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights)
+            result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        else:
+            result = self._looped(batch, self.execution == "graph", first_order, weights)
+        if hasattr(self, "iteration") and torch.is_grad_enabled():
+            self.iteration += 1
+        return result
 
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
@@ -211,40 +371,43 @@ class GradientLearner(nn.Module):
 
         Includes `loss`, `accuracy` (classification) and `loss_before` (query loss before adapting).
         """
-        steps = inner_steps or self.inner_steps
+        steps = self._check_steps(inner_steps or self.inner_steps)
         params = {k: v.detach() for k, v in self.meta_params().items()}
+        hooks = self._hooks(training=False)
         rows = []
         for t in range(len(batch)):
             ep = batch[t]
-            after, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True)
+            after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
             row = task_metrics(self.task, after, ep.query_y)
-            row["loss_before"] = self._loss_fn(forward(self.model, params, ep.query_x), ep.query_y)
+            row["loss_before"] = self._loss_fn(self._forward_at(params, 0, ep.query_x, hooks), ep.query_y)
             rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     # -- execution strategies -----------------------------------------------------------------
-    def _looped(self, batch: TaskBatch, keep_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _looped(self, batch: TaskBatch, keep_graph: bool, first_order: bool, weights: list[float] | None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         params = self.meta_params()
         trainable = [p for p in self.parameters() if p.requires_grad]
         taskwise = not keep_graph and torch.is_grad_enabled() and bool(trainable)
-        if taskwise and self._task_batched is not None:
-            return self._support_batched(batch, params, trainable)
+        hooks = self._hooks(training=True)
+        if taskwise and self._task_batched is not None and hooks is None and weights is None:
+            return self._support_batched(batch, params, trainable, first_order)
         count = len(batch)
-        step_sizes = self.step_sizes()
+        spec = self._inner_spec()
         losses, rows, total = [], [], None
         for t in range(count):
             ep = batch[t]
             if taskwise:
                 grads, out, loss, support_loss = split_meta_gradients(
                     self.model, params, (ep.support_x, ep.support_y), (ep.query_x, ep.query_y),
-                    loss_fn=self._loss_fn, steps=self.inner_steps, step_sizes=step_sizes,
-                    first_order=self.first_order, query_pass=self._query_pass, wrt=trainable, scale=1 / count,
-                    checkpoint=self.checkpoint_inner_loop, autocast_dtype=_AUTOCAST[self.precision])
+                    loss_fn=self._loss_fn, steps=self.inner_steps, first_order=first_order,
+                    query_pass=self._query_pass, wrt=trainable, scale=1 / count,
+                    checkpoint=self.checkpoint_inner_loop, autocast_dtype=_AUTOCAST[self.precision],
+                    hooks=hooks, step_weights=weights, **spec)
                 total = add_gradients(total, grads)
             else:
-                out, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
-                                                        self.inner_steps, self.first_order)
-                loss = self._loss_fn(out, ep.query_y)
+                out, loss, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
+                                                             self.inner_steps, first_order, hooks, ep.query_y, weights)
             losses.append(loss)
             row = task_metrics(self.task, out, ep.query_y)
             row["support_loss"] = support_loss.detach()
@@ -254,24 +417,27 @@ class GradientLearner(nn.Module):
             mean_loss = loss_with_grads(mean_loss, trainable, total)
         return mean_loss, {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
 
-    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor], first_order: bool
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
         grads, outputs, losses, support_losses = batched_meta_gradients(
             self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
-            step_sizes=self.step_sizes(), first_order=self.first_order, query_pass=self._query_pass,
-            wrt=trainable, autocast_dtype=_AUTOCAST[self.precision], group=self.task_group, checkpoint=self.checkpoint_inner_loop)
+            first_order=first_order, query_pass=self._query_pass, wrt=trainable,
+            autocast_dtype=_AUTOCAST[self.precision], group=self.task_group, checkpoint=self.checkpoint_inner_loop,
+            **self._inner_spec())
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()
         return loss_with_grads(losses.mean(), trainable, grads), metrics
 
-    def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool, weights: list[float] | None
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         params = self.meta_params()
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-            out, support_loss = self._task_forward(params, sx, sy, qx, steps, first_order)
+            out, loss, support_loss = self._task_forward(params, sx, sy, qx, steps, first_order, None, qy, weights)
             row = task_metrics(self.task, out, qy)
             row["support_loss"] = support_loss.detach()
-            return self._loss_fn(out, qy), row
+            return loss, row
 
         return vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .episodes import Episode, TaskBatch
 
-__all__ = ["TaskSource", "EpisodeSampler", "episode_rng"]
+__all__ = ["TaskSource", "EpisodeSampler", "ClassBatchSampler", "episode_rng"]
 
 
 class TaskSource(Protocol):
@@ -67,11 +67,7 @@ class EpisodeSampler:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.dataset = dataset
-        labels = _labels_of(dataset)
-        classes, inverse = np.unique(labels, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        counts = np.bincount(inverse, minlength=len(classes))
-        self._members = np.split(order, np.cumsum(counts)[:-1])
+        classes, self._members, counts = _class_index(_labels_of(dataset))
         if self.ways > len(classes):
             raise ValueError(f"ways={self.ways} exceeds the {len(classes)} classes available in the dataset")
         need = self.shots + self.queries
@@ -110,6 +106,68 @@ class EpisodeSampler:
             x[n_support:].reshape(size, query.shape[1], *x.shape[1:]),
             query_y.contiguous(),
         )
+
+
+class ClassBatchSampler:
+    """Class-balanced supervised batches with global labels, for pre-training (e.g. `Baseline`).
+
+    Batch `i` draws `classes` distinct classes and `per_class` distinct examples of each, all from
+    `episode_rng(seed, i)`. Its labels are global: each class's index among the dataset's sorted
+    distinct labels (for an `ImageClassDataset`, whose labels are 0..C-1, the labels themselves).
+    `task_batch(start, size)` stacks batches `start .. start+size-1` as a `TaskBatch` whose
+    support set is the batch and whose query set is empty, so a trainer that draws task batches
+    draws these unchanged, reproducibly from the seed.
+
+    Example:
+        >>> from fastadapt.data import ImageClassDataset
+        >>> ds = ImageClassDataset(torch.zeros(40, 1, 8, 8, dtype=torch.uint8), torch.arange(40) // 4)
+        >>> batch = ClassBatchSampler(ds, classes=3, per_class=2, seed=0).task_batch(0, 1)
+        >>> batch.support_x.shape, batch.query_x.shape[1], batch.support_y.unique().numel()
+        (torch.Size([1, 6, 1, 8, 8]), 0, 3)
+    """
+
+    def __init__(self, dataset: Any, classes: int, per_class: int, seed: int = 0) -> None:
+        self.classes = _positive("classes", classes)
+        self.per_class = _positive("per_class", per_class)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.dataset = dataset
+        labels, self._members, counts = _class_index(_labels_of(dataset))
+        self.num_classes = len(labels)
+        if self.classes > self.num_classes:
+            raise ValueError(f"classes={self.classes} exceeds the {self.num_classes} classes available in the dataset")
+        smallest = int(counts.argmin())
+        if self.per_class > counts[smallest]:
+            raise ValueError(f"per_class={self.per_class} exceeds the {int(counts[smallest])} examples of class "
+                             f"{labels[smallest].item()!r} (every class needs at least {self.per_class})")
+
+    def batch_indices(self, index: int) -> tuple[Tensor, Tensor]:
+        """Dataset indices `(classes*per_class,)` of batch `index`, class-major, and their global labels."""
+        rng = episode_rng(self.seed, index)
+        chosen = rng.choice(self.num_classes, size=self.classes, replace=False)
+        picks = np.stack([rng.choice(self._members[c], size=self.per_class, replace=False) for c in chosen])
+        return torch.from_numpy(picks.reshape(-1)), torch.from_numpy(chosen).repeat_interleave(self.per_class)
+
+    def episode(self, index: int) -> Episode:
+        """Batch `index` as an `Episode` with an empty query set."""
+        return self.task_batch(index, 1)[0]
+
+    def task_batch(self, start: int, size: int) -> TaskBatch:
+        """Batches `start .. start+size-1` stacked: support `(size, classes*per_class, ...)`, empty query."""
+        pairs = [self.batch_indices(i) for i in range(start, start + size)]
+        x = _gather(self.dataset, torch.cat([i for i, _ in pairs]))
+        x = x.reshape(size, self.classes * self.per_class, *x.shape[1:])
+        y = torch.stack([labels for _, labels in pairs])
+        return TaskBatch(x, y, x[:, :0], y[:, :0])
+
+
+def _class_index(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Sorted distinct labels, the dataset indices of each, and their counts."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(classes))
+    return classes, np.split(order, np.cumsum(counts)[:-1]), counts
 
 
 def _labels_of(dataset: Any) -> np.ndarray:

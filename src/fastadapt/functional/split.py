@@ -20,7 +20,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .inner_loop import LossFn, Params, forward, inner_adapt
+from .inner_loop import LossFn, Params, StepHooks, forward, inner_adapt, inner_trajectory, resolve_inner
+from .optim import InnerOptimizer
 from .taskwise import add_gradients, place_gradients
 
 __all__ = ["QueryPass", "split_meta_gradients", "mixed_precision"]
@@ -79,19 +80,27 @@ def split_meta_gradients(
     *,
     loss_fn: LossFn,
     steps: int,
-    step_sizes: Mapping[str, Tensor | float],
+    step_sizes: Mapping[str, Tensor | float] | None = None,
     first_order: bool,
     query_pass: QueryPass,
     wrt: Sequence[Tensor],
     scale: float = 1.0,
     checkpoint: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    optimizer: InnerOptimizer | None = None,
+    names: Sequence[str] | None = None,
+    hooks: StepHooks | None = None,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[list[Tensor | None], Tensor, Tensor, Tensor | None]:
     """`scale *` the meta-gradient of one task's query loss w.r.t. `wrt`, plus what it was computed from.
 
-    `wrt` lists the tensors to differentiate (meta-parameters, learned step sizes). Returns the
-    gradients (None where a tensor does not influence the loss), the query output and loss
-    (detached), and the support loss before adaptation.
+    `wrt` lists the tensors to differentiate (meta-parameters, learned step sizes). The inner loop
+    is plain SGD at `step_sizes`, or `optimizer` over `names` (see `inner_adapt`). With
+    `step_weights` (w_1 .. w_steps) the query loss is MAML++'s multi-step loss `sum_i w_i L_q(θ_i)`,
+    one first-order query pass per point with w_i > 0 and still one backward through the inner
+    loop. Returns the gradients (None where a tensor does not influence the loss), the query output
+    after the last step, the (weighted) query loss, both detached, and the support loss before
+    adaptation.
 
     Example:
         >>> m = torch.nn.Linear(1, 1)
@@ -103,25 +112,46 @@ def split_meta_gradients(
         >>> [g.shape for g in grads]
         [torch.Size([1, 1]), torch.Size([1])]
     """
-    adapt: Callable[..., tuple[Params, Tensor | None]] = lambda start, n, fo: inner_adapt(  # noqa: E731
-        model, start, *support, loss_fn=loss_fn, steps=n, step_sizes=step_sizes, first_order=fo)
-    with torch.enable_grad(), mixed_precision(autocast_dtype):
-        if checkpoint and not first_order:
+    names, optimizer = resolve_inner(step_sizes, optimizer, names)
+    weights = _check_weights(step_weights, steps)
+    if checkpoint and not first_order:
+        if step_sizes is None or hooks is not None or step_weights is not None:
+            raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only "
+                             "(no inner optimizer, step hooks or multi-step loss)")
+        adapt: Callable[..., tuple[Params, Tensor | None]] = lambda start, n, fo: inner_adapt(  # noqa: E731
+            model, start, *support, loss_fn=loss_fn, steps=n, step_sizes=step_sizes, first_order=fo)
+        with torch.enable_grad(), mixed_precision(autocast_dtype):
             with torch.no_grad():
                 trajectory, support_loss = _trajectory(adapt, params, steps)
             output, loss, query_grads = query_pass(trajectory[-1], *query)
-            grads = _backward_checkpointed(adapt, params, list(step_sizes), trajectory, query_grads, wrt, scale)
-        else:
-            adapted, support_loss = adapt(params, steps, first_order)
-            output, loss, query_grads = query_pass(adapted, *query)
-            grads = _backward(adapted, query_grads, wrt, scale)
-    return grads, output, loss, support_loss
+            grads = _backward_checkpointed(adapt, params, names, trajectory, query_grads, wrt, scale)
+        return grads, output, loss, support_loss
+    with torch.enable_grad(), mixed_precision(autocast_dtype):
+        points, support_loss = inner_trajectory(model, params, *support, loss_fn=loss_fn, steps=steps,
+                                                first_order=first_order, optimizer=optimizer, names=names, hooks=hooks)
+        outputs, grad_outputs, total = [], [], None
+        for step, weight in enumerate(weights, start=1):
+            if weight == 0 and step < steps:
+                continue
+            at = {**points[step], **(hooks.params(step) if hooks is not None else {})}
+            with hooks.context(step) if hooks is not None else contextlib.nullcontext():
+                output, loss, query_grads = query_pass(at, *query)
+            total = weight * loss if total is None else total + weight * loss
+            differentiable = [n for n, p in at.items() if p.requires_grad]
+            outputs += [at[n] for n in differentiable]
+            grad_outputs += [query_grads[n] * (scale * weight) for n in differentiable]
+        grads = list(torch.autograd.grad(outputs, list(wrt), grad_outputs=grad_outputs, allow_unused=True))
+    return grads, output, total, support_loss
 
 
-def _backward(adapted: Params, query_grads: Params, wrt: Sequence[Tensor], scale: float) -> list[Tensor | None]:
-    names = [n for n, p in adapted.items() if p.requires_grad]
-    return list(torch.autograd.grad([adapted[n] for n in names], list(wrt),
-                                    grad_outputs=[query_grads[n] * scale for n in names], allow_unused=True))
+def _check_weights(step_weights: Sequence[float] | None, steps: int) -> list[float]:
+    """The multi-step loss weights w_1 .. w_steps; None is the plain loss after the last step."""
+    if step_weights is None:
+        return [0.0] * (steps - 1) + [1.0]
+    weights = [float(w) for w in step_weights]
+    if len(weights) != steps or any(w < 0 for w in weights):
+        raise ValueError(f"step_weights must be {steps} numbers >= 0 (one per inner step), got {list(step_weights)}")
+    return weights
 
 
 def _trajectory(adapt: Callable[..., tuple[Params, Tensor | None]], params: Params, steps: int

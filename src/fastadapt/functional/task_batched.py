@@ -23,7 +23,8 @@ from torch.func import vmap
 
 from ..data.episodes import TaskBatch
 from .fused_block import fused_forward, tasks_conv_bn_relu_pool
-from .inner_loop import LossFn, Params
+from .inner_loop import LossFn, Params, resolve_inner
+from .optim import InnerOptimizer
 from .split import QueryPass, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
@@ -107,13 +108,15 @@ def batched_meta_gradients(
     *,
     loss_fn: LossFn,
     steps: int,
-    step_sizes: Mapping[str, Tensor | float],
+    step_sizes: Mapping[str, Tensor | float] | None = None,
     first_order: bool,
     query_pass: QueryPass,
     wrt: Sequence[Tensor],
     autocast_dtype: torch.dtype | None = None,
     group: int = 4,
     checkpoint: bool = False,
+    optimizer: InnerOptimizer | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
 
@@ -123,14 +126,23 @@ def batched_meta_gradients(
     alive at a time); speed saturates around 4 (measured, docs/performance.md). With
     `checkpoint` (second order), a group keeps only each inner step's parameter values and
     rebuilds one step's graph at a time during the backward: memory does not grow with `steps`.
+
+    The inner loop is plain SGD at `step_sizes`, or `optimizer` over `names` (`functional.optim`;
+    its updates are element-wise, so they apply to the stacked `(T, ...)` weights as they are).
+    The checkpointed form supports plain SGD only.
     """
+    names, optimizer = resolve_inner(step_sizes, optimizer, names)
+    if checkpoint and not first_order and step_sizes is None:
+        raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only, not an inner optimizer")
     totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
-    one_group = _group_checkpointed if checkpoint and not first_order else _group_meta_gradients
+    checkpointed = checkpoint and not first_order
+    one_group = _group_checkpointed if checkpointed else _group_meta_gradients
     for part in batch.split(group):
         grads, part_outputs, part_query, part_support = one_group(
-            run, params, part, loss_fn, steps, step_sizes, first_order, query_pass, wrt, autocast_dtype, len(batch))
+            run, params, part, loss_fn, steps, (step_sizes if checkpointed else optimizer), names, first_order,
+            query_pass, wrt, autocast_dtype, len(batch))
         totals = add_gradients(totals, grads)
         outputs += part_outputs
         query_losses.append(part_query)
@@ -139,12 +151,12 @@ def batched_meta_gradients(
 
 
 def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
-                          step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
+                          optimizer: InnerOptimizer, names: list[str], first_order: bool, query_pass: QueryPass,
                           wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
     adapted = {name: p.expand(tasks, *p.shape) for name, p in params.items()}
     per_task_loss = vmap(loss_fn)
-    names = list(step_sizes)
+    state = optimizer.init({n: adapted[n] for n in names})
     support_losses = None
     with torch.enable_grad():
         for _ in range(steps):
@@ -153,8 +165,9 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
             support_losses = losses.detach() if support_losses is None else support_losses
             grads = torch.autograd.grad(losses.sum(), [adapted[n] for n in names], create_graph=not first_order,
                                         allow_unused=True, materialize_grads=True)
-            adapted = {**adapted, **{n: adapted[n] - step_sizes[n] * (g.detach() if first_order else g)
-                                     for n, g in zip(names, grads)}}
+            updated, state = optimizer.update({n: g.detach() if first_order else g for n, g in zip(names, grads)},
+                                              state, {n: adapted[n] for n in names})
+            adapted = {**adapted, **updated}
         outputs, query_losses, query_grads = _query_passes(query_pass, adapted, batch)
         differentiable = [n for n, p in adapted.items() if p.requires_grad]
         meta_grads = torch.autograd.grad([adapted[n] for n in differentiable], list(wrt),
@@ -174,10 +187,9 @@ def _query_passes(query_pass: QueryPass, adapted: Params, batch: TaskBatch) -> t
 
 
 def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
-                        step_sizes: Mapping[str, Tensor | float], first_order: bool, query_pass: QueryPass,
+                        step_sizes: Mapping[str, Tensor | float], names: list[str], first_order: bool, query_pass: QueryPass,
                         wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
-    names = list(step_sizes)
     per_task_loss = vmap(loss_fn)
     real = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
     frozen = {n: p for n, p in real.items() if n not in step_sizes}

@@ -13,6 +13,8 @@ class Conv4(nn.Module):
     `features` maps `(B, C, H, W)` to flat embeddings; `head` (a Linear layer, absent when
     `ways=None`) maps them to `ways` logits. BatchNorm uses each batch's own statistics
     (`track_running_stats=False`): MAML's transductive convention, the same at train and test time.
+    `track_running_stats=True` gives ordinary BatchNorm instead (batch statistics in train mode,
+    running ones in eval mode), as pre-trained backbones use it (`algorithms.Baseline`).
 
     Example:
         >>> import torch
@@ -20,14 +22,15 @@ class Conv4(nn.Module):
         torch.Size([2, 5])
     """
 
-    def __init__(self, in_channels: int = 1, ways: int | None = 5, hidden: int = 64, image_size: int = 28) -> None:
+    def __init__(self, in_channels: int = 1, ways: int | None = 5, hidden: int = 64, image_size: int = 28,
+                 track_running_stats: bool = False) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(4):
             blocks += [
                 nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
-                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.BatchNorm2d(hidden, track_running_stats=track_running_stats),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
@@ -39,9 +42,9 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.embedding_dim, ways) if ways is not None else None
 
     @classmethod
-    def omniglot(cls, ways: int | None = 5) -> "Conv4":
+    def omniglot(cls, ways: int | None = 5, track_running_stats: bool = False) -> "Conv4":
         """28x28 grey-scale input, 64 filters: a 64-d embedding."""
-        return cls(in_channels=1, ways=ways, hidden=64, image_size=28)
+        return cls(in_channels=1, ways=ways, hidden=64, image_size=28, track_running_stats=track_running_stats)
 
     @classmethod
     def mini_imagenet(cls, ways: int | None = 5) -> "Conv4":

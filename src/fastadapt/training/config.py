@@ -15,14 +15,24 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from ..algorithms.mamlpp import MSL_ITERATIONS
+
 __all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHMS", "DATASETS"]
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
+              "matchingnet")
 DATASETS = ("omniglot", "sinusoid")
 BACKBONES = ("conv4", "mlp")
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "step", "linear")
 PRECISIONS = ("fp32", "bf16")
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+HEADS = ("linear", "cosine")
+# the MAML family: one GradientLearner with options (algorithms.gradient)
+_MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
+# algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
+_INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *_MAML_FAMILY)
+SIMILARITIES = ("cosine", "scaled-cosine")
 
 
 class ConfigError(ValueError):
@@ -72,6 +82,34 @@ class Config:
     precision: str = "fp32"
     compile: bool = False
     checkpoint_inner_loop: bool = False
+    # iMAML (Rajeswaran et al. 2019): proximal strength lambda, conjugate-gradient iterations and damping
+    imaml_lambda: float = 2.0
+    cg_steps: int = 5
+    cg_damping: float = 0.0
+    inner_optimizer: str = "sgd"
+    # Baseline (linear head) / Baseline++ (cosine head), Chen et al. 2019
+    head: str = "linear"
+    # MAML++ (Antoniou et al. 2019) options of the MAML family; null: the algorithm's default
+    # (on for maml++: per-step rates, multi-step loss over 5000 iterations, per-step BN weights)
+    per_step_inner_lr: bool | None = None
+    multi_step_loss_iterations: int | None = None
+    per_step_bn_weights: bool | None = None
+    per_step_bn_statistics: bool = False
+    first_order_iterations: int = 0
+    # floor of the cosine outer learning-rate schedule (schedule: cosine)
+    min_meta_lr: float = 0.0
+    # support examples per class in training episodes; null: shots (Reptile trains on 10, Nichol et al.)
+    train_shots: int | None = None
+    # momentum of the outer SGD; null: 0.9 (Reptile's interpolation step needs 0)
+    meta_momentum: float | None = None
+    # Reptile: inner mini-batch size in training (null: the whole support set) and at test time
+    # (null: inner_batch)
+    inner_batch: int | None = None
+    eval_inner_batch: int | None = None
+    # Matching Networks: full context embeddings with K processing steps, and the similarity
+    fce: bool = False
+    fce_steps: int = 5
+    similarity: str = "cosine"
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -108,8 +146,33 @@ class Config:
         return self.train_ways or self.ways
 
     @property
+    def effective_train_shots(self) -> int:
+        return self.train_shots or self.shots
+
+    @property
     def effective_eval_inner_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
+
+    def mamlpp_options(self) -> dict[str, Any]:
+        """The MAML++ options of the gradient learner, nulls resolved: on for maml++ (per-step BN
+        weights where the backbone has BatchNorm), off for the rest of the MAML family.
+
+        Example:
+            >>> Config(algorithm="maml++", dataset="omniglot", backbone="conv4").mamlpp_options()["per_step_inner_lr"]
+            True
+        """
+        plus = self.algorithm == "maml++"
+
+        def resolved(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return {
+            "per_step_inner_lr": resolved(self.per_step_inner_lr, plus),
+            "multi_step_loss_iterations": resolved(self.multi_step_loss_iterations, MSL_ITERATIONS if plus else 0),
+            "per_step_bn_weights": resolved(self.per_step_bn_weights, plus and self.backbone == "conv4"),
+            "per_step_bn_statistics": self.per_step_bn_statistics,
+            "first_order_iterations": self.first_order_iterations,
+        }
 
     def _check_values(self) -> None:
         _choice("algorithm", self.algorithm, ALGORITHMS)
@@ -118,8 +181,10 @@ class Config:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
+        _choice("head", self.head, HEADS)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
-                    "log_every", "checkpoint_every", "schedule_step"):
+                    "log_every", "checkpoint_every", "schedule_step", "cg_steps"):
             _at_least(key, getattr(self, key), 1)
         for key in ("train_ways", "eval_inner_steps", "threads"):
             if getattr(self, key) is not None:
@@ -131,34 +196,122 @@ class Config:
         for key in ("inner_lr", "meta_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not self.imaml_lambda > 0:
+            raise ConfigError("imaml_lambda (iMAML's proximal regularisation strength) must be > 0, "
+                              f"got {self.imaml_lambda!r}")
+        if not self.cg_damping >= 0:
+            raise ConfigError(f"cg_damping must be >= 0, got {self.cg_damping!r}")
+        if self.inner_optimizer != "sgd" and self.algorithm not in _INNER_OPTIMIZER_ALGORITHMS:
+            raise ConfigError(f"inner_optimizer={self.inner_optimizer!r} applies to "
+                              f"{', '.join(_INNER_OPTIMIZER_ALGORITHMS)}; the inner loop of {self.algorithm!r} "
+                              "is SGD (inner_optimizer: sgd)")
+        if self.head != "linear" and self.algorithm != "baseline":
+            raise ConfigError(f"head={self.head!r} applies to algorithm 'baseline' (cosine = Baseline++), "
+                              f"not {self.algorithm!r}")
+        self._check_mamlpp()
+        self._check_reptile_matching()
         if not 0 < self.schedule_gamma <= 1:
             raise ConfigError(f"schedule_gamma must be in (0, 1], got {self.schedule_gamma!r}")
         expected = "mlp" if self.dataset == "sinusoid" else "conv4"
         if self.backbone != expected:
             raise ConfigError(f"backbone {self.backbone!r} does not fit dataset {self.dataset!r}; use backbone: {expected}")
-        if self.dataset == "sinusoid" and self.algorithm == "protonet":
-            raise ConfigError("algorithm 'protonet' needs a classification dataset; 'sinusoid' is regression")
+        if self.dataset == "sinusoid" and self.algorithm in ("protonet", "baseline", "matchingnet"):
+            raise ConfigError(f"algorithm {self.algorithm!r} needs a classification dataset; 'sinusoid' is regression "
+                              "(use dataset: omniglot, --dataset omniglot)")
         if self.dataset == "omniglot" and self.ways < 2:
             raise ConfigError(f"ways must be >= 2 for classification, got {self.ways}")
-        if self.train_ways not in (None, self.ways) and self.algorithm != "protonet":
-            raise ConfigError(f"train_ways={self.train_ways} differs from ways={self.ways}: only protonet can "
-                              "train and test with different ways (the others have a ways-sized head)")
+        if self.train_ways not in (None, self.ways) and self.algorithm not in ("protonet", "baseline", "matchingnet"):
+            raise ConfigError(f"train_ways={self.train_ways} differs from ways={self.ways}: only protonet, matchingnet "
+                              "and baseline can train and test with different ways (the others have a ways-sized head)")
         if self.dataset == "omniglot" and self.validation_every and not self.validation_characters:
             raise ConfigError("validation_every > 0 on omniglot needs validation_characters > 0 "
                               "(the characters carved out of meta-training for validation), e.g. 100")
-        if self.algorithm == "protonet" and (self.compile or self.checkpoint_inner_loop):
-            raise ConfigError("compile and checkpoint_inner_loop apply to the gradient-based algorithms "
-                              "(they have an inner loop); set them to false for protonet")
+        if self.algorithm in ("protonet", "imaml", "baseline", "reptile", "matchingnet") and (
+                self.compile or self.checkpoint_inner_loop):
+            raise ConfigError("compile and checkpoint_inner_loop apply to the MAML family (an unrolled inner loop); "
+                              f"set them to false for {self.algorithm}")
+        if self.algorithm in ("imaml", "baseline", "reptile", "matchingnet") and self.precision != "fp32":
+            raise ConfigError(f"precision {self.precision!r} is not implemented for {self.algorithm}; "
+                              "use precision: fp32")
         if self.early_stopping and not self.validation_every:
             raise ConfigError("early_stopping needs validation_every > 0 (it counts validations without improvement)")
+
+    def _check_reptile_matching(self) -> None:
+        """train_shots, the outer momentum, and the Reptile and Matching Networks keys."""
+        for key in ("train_shots", "inner_batch", "eval_inner_batch"):
+            if getattr(self, key) is not None:
+                _at_least(key, getattr(self, key), 1)
+        _at_least("fce_steps", self.fce_steps, 1)
+        _choice("similarity", self.similarity, SIMILARITIES)
+        if self.meta_momentum is not None:
+            if not 0 <= self.meta_momentum < 1:
+                raise ConfigError(f"meta_momentum must be in [0, 1), got {self.meta_momentum!r}")
+            if self.optimizer != "sgd":
+                raise ConfigError(f"meta_momentum is the momentum of the outer SGD; optimizer is {self.optimizer!r} "
+                                  "(use optimizer: sgd, or meta_momentum: null)")
+        batches = [k for k in ("inner_batch", "eval_inner_batch") if getattr(self, k) is not None]
+        if batches and self.algorithm != "reptile":
+            raise ConfigError(f"{' and '.join(batches)} (inner mini-batches) only apply to algorithm 'reptile', "
+                              f"not {self.algorithm!r}; leave them unset (null)")
+        matching = [k for k, on in (("fce", self.fce), ("fce_steps", self.fce_steps != 5),
+                                    ("similarity", self.similarity != "cosine")) if on]
+        if matching and self.algorithm != "matchingnet":
+            raise ConfigError(f"{', '.join(matching)}: only algorithm 'matchingnet' has these options, not "
+                              f"{self.algorithm!r}; leave them at their defaults (fce: false, fce_steps: 5, "
+                              "similarity: cosine)")
+
+    def _check_mamlpp(self) -> None:
+        """The inner optimizer, MAML++ options and cosine floor: ranges and combinations."""
+        if self.algorithm == "imaml" and self.inner_optimizer == "momentum":
+            raise ConfigError("inner_optimizer 'momentum' is not implemented for imaml; use sgd or adam")
+        for key in ("multi_step_loss_iterations", "first_order_iterations"):
+            if getattr(self, key) is not None:
+                _at_least(key, getattr(self, key), 0)
+        if not 0 <= self.min_meta_lr < self.meta_lr:
+            raise ConfigError(f"min_meta_lr must be >= 0 and below meta_lr={self.meta_lr}, got {self.min_meta_lr!r}")
+        if self.min_meta_lr and self.schedule != "cosine":
+            raise ConfigError(f"min_meta_lr is the floor of the cosine schedule; schedule is {self.schedule!r} "
+                              "(use schedule: cosine, or min_meta_lr: 0)")
+        options = self.mamlpp_options()
+        chosen = [key for key, value in options.items() if value]
+        if chosen and self.algorithm not in _MAML_FAMILY:
+            raise ConfigError(f"{', '.join(chosen)} apply to the MAML family ({', '.join(_MAML_FAMILY)}), "
+                              f"not {self.algorithm!r}")
+        if options["per_step_inner_lr"] and self.algorithm == "metasgd":
+            raise ConfigError("per_step_inner_lr and metasgd both learn the inner rates (per step and tensor, "
+                              "per entry); use algorithm maml++ or set per_step_inner_lr: false")
+        if options["first_order_iterations"] and self.algorithm == "fomaml":
+            raise ConfigError("first_order_iterations anneals from first to second order; fomaml is first order "
+                              "throughout (set it to 0, or use maml / maml++)")
+        per_step_norm = [k for k in ("per_step_bn_weights", "per_step_bn_statistics") if options[k]]
+        if per_step_norm and self.backbone != "conv4":
+            raise ConfigError(f"{', '.join(per_step_norm)} need BatchNorm layers; backbone {self.backbone!r} has "
+                              "none (set them to false)")
+        per_step = [k for k in ("per_step_inner_lr", *per_step_norm) if options[k]]
+        if per_step and self.effective_eval_inner_steps > self.inner_steps:
+            raise ConfigError(f"eval_inner_steps={self.eval_inner_steps} exceeds inner_steps={self.inner_steps}, but "
+                              f"{', '.join(per_step)} exist only for the {self.inner_steps} training steps")
+        unsupported = [k for k in ("per_step_inner_lr", "multi_step_loss_iterations", *per_step_norm) if options[k]]
+        if self.inner_optimizer != "sgd":
+            unsupported.append(f"inner_optimizer {self.inner_optimizer!r}")
+        if self.checkpoint_inner_loop and unsupported:
+            raise ConfigError(f"checkpoint_inner_loop supports plain SGD with constant rates only, not "
+                              f"{', '.join(unsupported)}; set checkpoint_inner_loop: false")
+        if self.compile and self.per_step_bn_statistics:
+            raise ConfigError("compile is not supported with per_step_bn_statistics; set one of them to false")
 
 
 _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
     "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
+    "imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
+    "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
+    "meta_momentum": float, "fce": bool, "similarity": str,
 }
-_OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads"}
+_OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads",
+             "per_step_inner_lr", "multi_step_loss_iterations", "per_step_bn_weights",
+             "train_shots", "meta_momentum", "inner_batch", "eval_inner_batch"}
 for _f in fields(Config):
     _TYPES.setdefault(_f.name, int)
 

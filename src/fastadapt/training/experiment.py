@@ -8,18 +8,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet
-from ..data import EpisodeSampler, SinusoidTasks, TaskSource
+from ..algorithms import ANIL, FOMAML, IMAML, MAML, Baseline, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, Reptile
+from ..data import ClassBatchSampler, EpisodeSampler, SinusoidTasks, TaskSource
 from ..nn import MLP, Conv4
 from .config import Config
 
-__all__ = ["Experiment", "build_learner", "build_experiment", "test_source"]
+__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes"]
 
-_GRADIENT_LEARNERS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL}
+_GRADIENT_LEARNERS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "maml++": MAMLPlusPlus}
 
 # Sinusoid validation and test tasks come from seeds far from any training seed.
 _SINUSOID_VALIDATION_SEED = 20_000
 _SINUSOID_TEST_SEED = 10_000
+# Omniglot's standard split (data.omniglot.omniglot_splits): 1200 meta-training characters, each
+# at 4 rotations; validation characters are carved out of them. Baseline's global head needs the
+# class count before any data is read (evaluation rebuilds the learner from the config alone).
+_OMNIGLOT_TRAIN_CHARACTERS, _OMNIGLOT_ROTATIONS = 1200, 4
+
+
+def baseline_classes(config: Config) -> int:
+    """Classes of Baseline's pre-training head: Omniglot's meta-training classes under `config`.
+
+    Example:
+        >>> baseline_classes(Config(algorithm="baseline", dataset="omniglot", backbone="conv4"))
+        4800
+    """
+    return _OMNIGLOT_ROTATIONS * (_OMNIGLOT_TRAIN_CHARACTERS - config.validation_characters)
 
 
 @dataclass
@@ -42,13 +56,30 @@ def build_learner(config: Config) -> nn.Module:
     torch.manual_seed(config.seed)
     if config.backbone == "mlp":
         model: nn.Module = MLP(1, [40, 40], 1)
+    elif config.algorithm == "baseline":  # ordinary BatchNorm: eval-mode embeddings, as Chen et al.
+        model = Conv4.omniglot(ways=None, track_running_stats=True)
     else:
-        model = Conv4.omniglot(ways=None if config.algorithm == "protonet" else config.ways)
+        model = Conv4.omniglot(ways=None if config.algorithm in ("protonet", "matchingnet") else config.ways)
     if config.algorithm == "protonet":
         return ProtoNet(model, precision=config.precision)
+    if config.algorithm == "matchingnet":
+        return MatchingNet(model, fce=config.fce, fce_steps=config.fce_steps,
+                           similarity=config.similarity)  # type: ignore[arg-type]
+    if config.algorithm == "reptile":
+        return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                       inner_optimizer=config.inner_optimizer, inner_batch=config.inner_batch,  # type: ignore[arg-type]
+                       eval_inner_steps=config.effective_eval_inner_steps, eval_inner_batch=config.eval_inner_batch,
+                       task=config.task)  # type: ignore[arg-type]
+    if config.algorithm == "baseline":
+        return Baseline(model, baseline_classes(config), head=config.head)  # type: ignore[arg-type]
+    if config.algorithm == "imaml":
+        return IMAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, lam=config.imaml_lambda,
+                     cg_steps=config.cg_steps, cg_damping=config.cg_damping,
+                     inner_optimizer=config.inner_optimizer, task=config.task)  # type: ignore[arg-type]
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                                                 task=config.task, precision=config.precision, compile=config.compile,
-                                                checkpoint_inner_loop=config.checkpoint_inner_loop)
+                                                checkpoint_inner_loop=config.checkpoint_inner_loop,
+                                                inner_optimizer=config.inner_optimizer, **config.mamlpp_options())
 
 
 def _omniglot_splits(config: Config) -> dict[str, Any]:
@@ -67,15 +98,28 @@ def test_source(config: Config, ways: int | None = None, shots: int | None = Non
     return EpisodeSampler(splits["test"], ways, shots, queries, seed=config.eval_seed)
 
 
+def _pretraining_batches(config: Config, dataset: Any) -> ClassBatchSampler:
+    """Baseline's pre-training batches: `train_ways` classes x `train_shots` images each, global labels."""
+    batches = ClassBatchSampler(dataset, config.effective_train_ways, config.effective_train_shots, seed=config.seed)
+    if batches.num_classes != baseline_classes(config):
+        raise ValueError(f"the Omniglot training split has {batches.num_classes} classes, Baseline's head "
+                         f"{baseline_classes(config)} (1200 characters x 4 rotations, less validation, expected)")
+    return batches
+
+
 def build_experiment(config: Config) -> Experiment:
     """The learner and task sources for `config`; loads the dataset (errors name the missing files)."""
     learner = build_learner(config)
     if config.dataset == "sinusoid":
-        train: TaskSource = SinusoidTasks(config.shots, config.queries, seed=config.seed)
+        train: TaskSource = SinusoidTasks(config.effective_train_shots, config.queries, seed=config.seed)
         validation = SinusoidTasks(config.shots, config.eval_queries, seed=_SINUSOID_VALIDATION_SEED + config.eval_seed)
         return Experiment(learner, train, validation if config.validation_every else None, test_source(config))
     splits = _omniglot_splits(config)
-    train = EpisodeSampler(splits["train"], config.effective_train_ways, config.shots, config.queries, seed=config.seed)
+    if config.algorithm == "baseline":
+        train = _pretraining_batches(config, splits["train"])
+    else:
+        train = EpisodeSampler(splits["train"], config.effective_train_ways, config.effective_train_shots, config.queries,
+                               seed=config.seed)
     validation = (EpisodeSampler(splits["validation"], config.ways, config.shots, config.eval_queries, seed=config.eval_seed)
                   if "validation" in splits else None)
     return Experiment(learner, train, validation, test_source(config, splits=splits))

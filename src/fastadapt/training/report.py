@@ -125,8 +125,8 @@ class RunData:
 
     @property
     def has_inner_loop(self) -> bool:
-        """False for ProtoNet (whose config may still carry a default `inner_steps`)."""
-        return self.algorithm != "protonet" and self.config.get("inner_steps") is not None
+        """False for ProtoNet, MatchingNet and Baseline (whose configs may still carry a default `inner_steps`)."""
+        return self.algorithm not in ("protonet", "baseline", "matchingnet") and self.config.get("inner_steps") is not None
 
     @property
     def test_inner_steps(self) -> int | None:

@@ -42,20 +42,31 @@ _KEEP_CHECKPOINTS = 2
 def learning_rate(config: Config, step: int) -> float:
     """The outer learning rate at `step` (1-based) under the config's schedule.
 
+    Cosine anneals from `meta_lr` at step 1 towards `min_meta_lr` (0 by default) at the end; linear
+    from `meta_lr` at step 1 towards 0 after the last step (Reptile's outer step size, Nichol et al.).
+
     Example:
         >>> learning_rate(Config(schedule="step", schedule_step=10, schedule_gamma=0.5, meta_lr=1.0), 25)
         0.25
+        >>> learning_rate(Config(schedule="cosine", iterations=10, meta_lr=1.0, min_meta_lr=0.5), 6)
+        0.75
+        >>> learning_rate(Config(schedule="linear", iterations=10, meta_lr=1.0), 6)
+        0.5
     """
     if config.schedule == "cosine":
-        return config.meta_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.iterations))
+        span = config.meta_lr - config.min_meta_lr
+        return config.min_meta_lr + span * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.iterations))
     if config.schedule == "step":
         return config.meta_lr * config.schedule_gamma ** ((step - 1) // config.schedule_step)
+    if config.schedule == "linear":
+        return config.meta_lr * (1 - (step - 1) / config.iterations)
     return config.meta_lr
 
 
 def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.meta_lr, momentum=0.9)
+        return torch.optim.SGD(parameters, lr=config.meta_lr,
+                               momentum=0.9 if config.meta_momentum is None else config.meta_momentum)
     return torch.optim.Adam(parameters, lr=config.meta_lr)
 
 

@@ -1,0 +1,284 @@
+"""iMAML: the implicit meta-gradient against the exact one, conjugate gradient, memory, learning, keys."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastadapt import EpisodeSampler, TaskBatch
+from fastadapt.algorithms.imaml import IMAML, conjugate_gradient, proximal_adapt
+from fastadapt.nn import Conv4
+from fastadapt.training import evaluate_learner, meta_train
+from fastadapt.training.config import Config, ConfigError
+
+F64 = torch.float64
+DATA = Path(os.environ.get("FASTADAPT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.zip").is_file(),
+                                    reason=f"Omniglot zips not found under {DATA}/omniglot (set FASTADAPT_DATA)")
+
+
+def _regression_tasks(tasks: int, d: int, n: int, m: int) -> TaskBatch:
+    g = torch.Generator().manual_seed(1)
+    return TaskBatch(torch.randn(tasks, n, d, generator=g, dtype=F64), torch.randn(tasks, n, 1, generator=g, dtype=F64),
+                     torch.randn(tasks, m, d, generator=g, dtype=F64), torch.randn(tasks, m, 1, generator=g, dtype=F64))
+
+
+def _exact_meta_gradient(model: torch.nn.Linear, batch: TaskBatch, lam: float, damping: float) -> tuple[torch.Tensor, float]:
+    """Mean over tasks of dL_query(phi*(theta))/dtheta, phi* the closed-form minimiser of the
+    proximal inner problem of a linear model with MSE, differentiated by autograd through the solve.
+    With damping, the damped system's solution (I + (H + damping I)/lam)^-1 grad L_query(phi*) instead."""
+    theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()]).requires_grad_(True)
+    total, losses = 0.0, []
+    for t in range(len(batch)):
+        ep = batch[t]
+        a = torch.cat([ep.support_x, torch.ones(len(ep.support_x), 1, dtype=F64)], 1)
+        q = torch.cat([ep.query_x, torch.ones(len(ep.query_x), 1, dtype=F64)], 1)
+        hessian = 2 / len(a) * a.T @ a
+        eye = torch.eye(len(theta), dtype=F64)
+        phi = torch.linalg.solve(hessian + lam * eye, lam * theta + 2 / len(a) * a.T @ ep.support_y[:, 0])
+        query_loss = ((q @ phi - ep.query_y[:, 0]) ** 2).mean()
+        if damping == 0:
+            (grad,) = torch.autograd.grad(query_loss, theta)
+        else:
+            (at_phi,) = torch.autograd.grad(query_loss, phi)
+            grad = torch.linalg.solve(eye + (hessian + damping * eye) / lam, at_phi)
+        total = total + grad / len(batch)
+        losses.append(float(query_loss.detach()))
+    return total, sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_implicit_meta_gradient_equals_the_exact_one_on_a_quadratic_inner_problem(damping):
+    torch.manual_seed(0)
+    d, lam = 4, 0.7
+    model = torch.nn.Linear(d, 1).double()
+    batch = _regression_tasks(3, d, 6, 8)
+    # 250 SGD steps of 0.2 solve these inner problems to float64 rounding (contraction <= 0.86 per step)
+    imaml = IMAML(model, inner_lr=0.2, inner_steps=250, lam=lam, cg_steps=d + 1, cg_damping=damping, task="regression")
+    loss, metrics = imaml.meta_loss(batch)
+    loss.backward()
+    got = torch.cat([model.weight.grad.flatten(), model.bias.grad])
+    reference, reference_loss = _exact_meta_gradient(model, batch, lam, damping)
+    print(f"\nimplicit {got.tolist()}\nexact    {reference.tolist()}")
+    assert torch.allclose(got, reference, rtol=1e-9, atol=1e-12)
+    assert abs(float(loss.detach()) - reference_loss) < 1e-10 and abs(float(metrics["loss"]) - reference_loss) < 1e-10
+    with torch.no_grad():  # no meta-gradient wanted: the same loss, no conjugate gradient
+        assert abs(float(imaml.meta_loss(batch)[0]) - reference_loss) < 1e-10
+    # the first-order direction (the query gradient at phi, what FOMAML would use) is measurably different
+    imaml_first_order = IMAML(torch.nn.Linear(d, 1).double(), inner_lr=0.2, inner_steps=250, lam=lam, cg_steps=1,
+                              task="regression")
+    imaml_first_order.model.load_state_dict(model.state_dict())
+    imaml_first_order.meta_loss(batch)[0].backward()
+    first = torch.cat([imaml_first_order.model.weight.grad.flatten(), imaml_first_order.model.bias.grad])
+    assert not torch.allclose(first, reference, rtol=1e-3)
+
+
+def test_implicit_meta_gradient_matches_finite_differences_on_a_smooth_network():
+    """Nonlinear check: tanh network, cross-entropy, the inner problem solved to stationarity; the
+    directional derivative of L_query(phi*(theta)) by central differences against the implicit one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.rand(6, 16, generator=g, dtype=F64), torch.rand(6, 16, generator=g, dtype=F64)
+    sy = qy = torch.arange(3).repeat(2)
+    imaml = IMAML(model, inner_lr=0.2, inner_steps=400, lam=2.0, cg_steps=200)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    phi, _ = proximal_adapt(model, theta, sx, sy, loss_fn=torch.nn.functional.cross_entropy, steps=400, lr=0.2, lam=2.0)
+    grads, _, _ = imaml.implicit_gradient(phi, {}, (sx, sy), (qx, qy))
+    direction = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in theta.items()}
+
+    def query_loss(t: float) -> float:
+        moved = {k: theta[k] + t * direction[k] for k in theta}
+        adapted, _ = proximal_adapt(model, moved, sx, sy, loss_fn=torch.nn.functional.cross_entropy, steps=400,
+                                    lr=0.2, lam=2.0)
+        return float(torch.nn.functional.cross_entropy(torch.func.functional_call(model, adapted, (qx,)), qy))
+
+    finite = (query_loss(1e-5) - query_loss(-1e-5)) / 2e-5
+    implicit = sum(float((grad * direction[k]).sum()) for k, grad in zip(theta, grads))
+    assert implicit == pytest.approx(finite, rel=1e-6, abs=1e-9)
+
+
+def test_conjugate_gradient_converges_to_the_direct_solve():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=F64)
+    a = m @ m.T + 0.5 * torch.eye(6, dtype=F64)
+    b = torch.randn(6, generator=g, dtype=F64)
+    exact = torch.linalg.solve(a, b)
+    errors = []
+    for steps in range(1, 7):
+        (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], steps)
+        errors.append(float((x - exact) @ a @ (x - exact)))  # CG minimises the A-norm error at each step
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(errors))
+    assert errors[-1] < 1e-20 and errors[0] > 1e-6
+    # several tensors (one per parameter) form one vector: the same solve, split
+    x1, x2 = conjugate_gradient(lambda v: list((a @ torch.cat([v[0], v[1]])).split([2, 4])), list(b.split([2, 4])), 6)
+    assert torch.allclose(torch.cat([x1, x2]), exact, atol=1e-12)
+
+
+def test_conjugate_gradient_stops_at_non_positive_curvature():
+    a = torch.diag(torch.tensor([2.0, -1.0], dtype=F64))  # indefinite: the second search direction has p'Ap < 0
+    b = torch.tensor([1.0, 1.0], dtype=F64)
+    for steps in (1, 2, 10):
+        (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], steps)
+        assert torch.equal(x, torch.tensor([2.0, 2.0], dtype=F64))  # the first step's iterate, then it stops
+    zero = torch.zeros(2, dtype=F64)
+    (x,) = conjugate_gradient(lambda v: [a @ v[0]], [zero], 3)  # zero right-hand side: zero, not NaN
+    assert torch.equal(x, zero)
+
+
+def test_inner_solvers_reach_the_proximal_minimiser():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    ep = _regression_tasks(1, 3, 6, 1)[0]
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    lam = 1.0
+    a = torch.cat([ep.support_x, torch.ones(6, 1, dtype=F64)], 1)
+    start = torch.cat([theta["weight"].flatten(), theta["bias"]])
+    exact = torch.linalg.solve(2 / 6 * a.T @ a + lam * torch.eye(4, dtype=F64), lam * start + 2 / 6 * a.T @ ep.support_y[:, 0])
+    for optimizer, steps, lr, tol in (("sgd", 150, 0.2, 1e-12), ("adam", 500, 0.01, 1e-9)):
+        phi, first_loss = proximal_adapt(model, theta, ep.support_x, ep.support_y, loss_fn=torch.nn.functional.mse_loss,
+                                         steps=steps, lr=lr, lam=lam, optimizer=optimizer)
+        got = torch.cat([phi["weight"].flatten(), phi["bias"]])
+        assert float((got - exact).abs().max()) < tol, (optimizer, got, exact)
+        with torch.no_grad():
+            assert float(first_loss) == pytest.approx(float(torch.nn.functional.mse_loss(model(ep.support_x), ep.support_y)))
+    assert torch.equal(model.weight.detach(), theta["weight"])  # the module itself never moves
+
+
+_MEMORY_CHILD = """
+import ctypes, json, sys
+import torch
+from fastadapt import MAML, TaskBatch
+from fastadapt.algorithms.imaml import IMAML
+from fastadapt.nn import Conv4
+
+def kb(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+algorithm, counts = sys.argv[1], [int(k) for k in sys.argv[2:]]
+torch.set_num_threads(1)
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(0)
+y = torch.arange(5).repeat_interleave(5)[None]
+batch = TaskBatch(torch.rand(1, 25, 1, 28, 28, generator=g), y, torch.rand(1, 25, 1, 28, 28, generator=g), y)
+make = lambda k: IMAML(Conv4.omniglot(5), inner_steps=k) if algorithm == "imaml" else MAML(Conv4.omniglot(5), 0.1, k)
+make(1).meta_loss(batch)[0].backward()  # warm-up: one-time allocations
+peaks = {}
+for steps in counts:
+    learner = make(steps)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back, so RSS is what is in use
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
+    before = kb("VmRSS")
+    learner.meta_loss(batch)[0].backward()
+    peaks[steps] = (kb("VmHWM") - before) / 1024
+    del learner
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_memory_does_not_grow_with_inner_steps():
+    """Peak RSS of one meta-gradient step (Conv4, 5-way 5-shot, 5 queries per class) above the RSS
+    before it (peak reset, freed memory trimmed before each step); second-order MAML is the control
+    that the measure sees a growing graph."""
+    runs = {algorithm: subprocess.Popen([sys.executable, "-c", _MEMORY_CHILD, algorithm, *map(str, counts)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for algorithm, counts in (("imaml", (5, 20, 50)), ("maml", (5, 20)))}
+    peaks = {}
+    for algorithm, process in runs.items():  # one thread each, side by side: the peaks are per process
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        peaks[algorithm] = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    imaml, maml = peaks["imaml"], peaks["maml"]
+    print("\npeak MB above the pre-step RSS: iMAML", {k: round(v) for k, v in imaml.items()},
+          "second-order MAML", {k: round(v) for k, v in maml.items()})
+    assert maml[20] > maml[5] + 150  # the measure sees a growing graph (about 18 MB per MAML step)
+    assert max(imaml.values()) < min(imaml.values()) + 40  # flat: no growth with 10x the inner steps
+    assert imaml[50] < maml[5]
+
+
+@needs_omniglot
+def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start():
+    """A narrow Conv4 (16 filters), 80 iterations of 4 tasks with the recipes' inner problem and
+    damped system (inner SGD 0.1 x 5 steps, lambda 2, 5 CG steps, damping 22)."""
+    from fastadapt.data.omniglot import omniglot_splits
+
+    splits = omniglot_splits(DATA)
+    torch.manual_seed(0)
+    imaml = IMAML(Conv4(1, 5, 16, 28), inner_lr=0.1, inner_steps=5, lam=2.0, cg_steps=5, cg_damping=22.0)
+    test = EpisodeSampler(splits["test"], 5, 1, 5, seed=0)
+    before = evaluate_learner(imaml, test, episodes=64)["accuracy"]
+    meta_train(imaml, EpisodeSampler(splits["train"], 5, 1, 1, seed=0), iterations=80, meta_batch=4, meta_lr=5e-3)
+    after = evaluate_learner(imaml, test, episodes=64)["accuracy"]
+    print(f"\n5-way 1-shot test accuracy (64 episodes) before {before}, after {after}")
+    assert after.mean > 0.55 and after.mean > before.mean + 0.05  # chance: 0.2; the same 64 episodes before and after
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"imaml_lambda": 0}, "imaml_lambda (iMAML's proximal regularisation strength) must be > 0, got 0.0"),
+    ({"imaml_lambda": -1.5}, "must be > 0, got -1.5"),
+    ({"cg_steps": 0}, "cg_steps must be >= 1, got 0"),
+    ({"cg_steps": 2.5}, "cg_steps must be an integer"),
+    ({"cg_damping": -0.1}, "cg_damping must be >= 0, got -0.1"),
+    ({"inner_optimizer": "rmsprop"}, "got 'rmsprop'"),
+    ({"inner_optimizer": "momentum"}, "inner_optimizer 'momentum' is not implemented for imaml; use sgd or adam"),
+    ({"precision": "bf16"}, "precision 'bf16' is not implemented for imaml"),
+])
+def test_bad_imaml_keys_are_refused_with_the_key_and_the_value(values, message):
+    with pytest.raises(ConfigError) as error:
+        Config.from_dict({"algorithm": "imaml", **values})
+    assert message in str(error.value)
+
+
+def test_bad_constructor_arguments_name_the_value():
+    model = torch.nn.Linear(1, 1)
+    for kwargs, message in (({"lam": 0.0}, "lam (the proximal regularisation strength) must be > 0, got 0.0"),
+                            ({"cg_steps": 0}, "cg_steps must be an integer >= 1"),
+                            ({"cg_damping": -1.0}, "cg_damping must be >= 0, got -1.0"),
+                            ({"inner_optimizer": "lbfgs"}, "inner_optimizer must be 'sgd' or 'adam', got 'lbfgs'")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            IMAML(model, **kwargs)
+    with pytest.raises(ConfigError, match="inner_optimizer='adam' applies to imaml"):
+        Config.from_dict({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4", "inner_optimizer": "adam"})
+
+
+def test_run_command_trains_imaml_on_sinusoid_and_writes_results(tmp_path, capsys):
+    from fastadapt.cli import main
+
+    assert main(["run", "--algo", "imaml", "--iterations", "3", "--eval-episodes", "4", "--threads", "1",
+                 "--out", str(tmp_path)]) == 0
+    assert "post-adaptation mse" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["algorithm"] == "imaml" and results["steps"] == 3 and results["metric"] == "mse"
+
+
+@needs_omniglot
+def test_train_command_runs_an_imaml_recipe(tmp_path):
+    sets = [f"--set={key}={value}" for key, value in dict(
+        iterations=2, meta_batch=2, inner_steps=2, eval_inner_steps=2, validation_every=0, checkpoint_every=1,
+        eval_episodes=4, threads=1, data_root=DATA).items()]
+    done = subprocess.run([sys.executable, "-m", "fastadapt.cli", "train", "recipes/imaml/omniglot-5w1s.yaml",
+                           "--out", str(tmp_path), *sets], check=False, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["cg_damping"] == 22.0 and results["config"]["inner_lr"] == 0.1
+    assert results["metric"] == "accuracy" and results["episodes"] == 4 and results["steps"] == 2
+
+
+def test_recipes_cover_the_four_omniglot_settings_with_the_papers_values():
+    from fastadapt.training.config import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "imaml"
+    for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)):
+        config = load_recipe(recipes / f"omniglot-{ways}w{shots}s.yaml")
+        assert (config.algorithm, config.ways, config.shots, config.queries) == ("imaml", ways, shots, shots)
+        assert config.inner_steps == config.eval_inner_steps == (16 if ways == 5 else 25)
+        assert (config.imaml_lambda, config.cg_steps, config.inner_lr, config.meta_lr) == (2.0, 5, 0.1, 1e-3)
