@@ -23,7 +23,8 @@ from fastadapt.nn import Conv4
 from common import peak_rss_mb, random_batch
 from engine_vs_loop import plain_loop_meta_grad
 
-CONTENDERS = ("fastadapt", "fastadapt task_group=2", "fastadapt task_group=1", "fastadapt checkpointed", "plain loop")
+CONTENDERS = ("fastadapt task_group=4", "fastadapt (task_group=2)", "fastadapt task_group=1", "fastadapt checkpointed",
+              "plain loop")
 
 
 def child(contender: str, steps: int) -> None:
@@ -35,7 +36,7 @@ def child(contender: str, steps: int) -> None:
         def step() -> None:
             plain_loop_meta_grad(model, batch, 0.4, steps)
     else:
-        group = int(contender.split("=")[1]) if "task_group=" in contender else 4
+        group = int(contender.split("=")[1].rstrip(")")) if "task_group=" in contender else 2
         learner = MAML(model, 0.4, steps, checkpoint_inner_loop=contender.endswith("checkpointed"), task_group=group)
 
         def step() -> None:
