@@ -144,6 +144,7 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
         ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
         ("precision=fp16", "precision must be one of fp32, bf16; got 'fp16'"),
         ("compile=yes please", "compile must be true or false, got 'yes please' (str)"),
+        ("cg_steps=3", "cg_steps apply to algorithm 'imaml', not 'maml'; leave them at their defaults"),
     ],
 )
 def test_recipe_errors_name_the_key_without_a_traceback(override, message, tmp_path):

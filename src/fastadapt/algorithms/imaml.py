@@ -35,7 +35,7 @@ from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["IMAML", "conjugate_gradient", "proximal_adapt"]
 
-InnerOptimizer = Literal["sgd", "adam"]
+IMAMLInnerOptimizer = Literal["sgd", "adam"]
 Vectors = list[Tensor]
 
 
@@ -86,7 +86,7 @@ def proximal_adapt(
     steps: int,
     lr: float,
     lam: float,
-    optimizer: InnerOptimizer = "sgd",
+    optimizer: IMAMLInnerOptimizer = "sgd",
     frozen: Params | None = None,
 ) -> tuple[Params, Tensor]:
     """Approximately minimises `loss_fn(model(x; phi), y) + lam/2 ||phi - theta||^2` from phi = theta.
@@ -156,7 +156,7 @@ class IMAML(nn.Module):
         lam: float = 2.0,
         cg_steps: int = 5,
         cg_damping: float = 0.0,
-        inner_optimizer: InnerOptimizer = "sgd",
+        inner_optimizer: IMAMLInnerOptimizer = "sgd",
         task: TaskKind = "classification",
     ) -> None:
         super().__init__()
@@ -178,7 +178,7 @@ class IMAML(nn.Module):
         self.lam = float(lam)
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
-        self.inner_optimizer: InnerOptimizer = inner_optimizer
+        self.inner_optimizer: IMAMLInnerOptimizer = inner_optimizer
         self.task = check_kind(task)
 
     # -- the pieces ---------------------------------------------------------------------------

@@ -192,7 +192,8 @@ class _PooledProduct(torch.autograd.Function):
             images = (rows.stop - rows.start) // (h * w)
             g = grad[:, rows.start // (h * w) * pooled_rows: rows.stop // (h * w) * pooled_rows]
             g = g.reshape(tasks * images, h // 2, w // 2, channels).permute(0, 3, 1, 2)
-            shape = torch.empty(tasks * images, channels, h, w, dtype=grad.dtype, memory_format=torch.channels_last)
+            shape = torch.empty(tasks * images, channels, h, w, dtype=grad.dtype, device=grad.device,
+                                memory_format=torch.channels_last)
             full = torch.ops.aten.max_pool2d_with_indices_backward(
                 g, shape, [2, 2], [2, 2], [0, 0], [1, 1], False, indices[done: done + tasks * images].long())
             done += tasks * images

@@ -201,6 +201,11 @@ class Config:
                               f"got {self.imaml_lambda!r}")
         if not self.cg_damping >= 0:
             raise ConfigError(f"cg_damping must be >= 0, got {self.cg_damping!r}")
+        changed = [k for k, default in (("imaml_lambda", 2.0), ("cg_steps", 5), ("cg_damping", 0.0))
+                   if getattr(self, k) != default]
+        if changed and self.algorithm != "imaml":
+            raise ConfigError(f"{', '.join(changed)} apply to algorithm 'imaml', not {self.algorithm!r}; "
+                              "leave them at their defaults")
         if self.inner_optimizer != "sgd" and self.algorithm not in _INNER_OPTIMIZER_ALGORITHMS:
             raise ConfigError(f"inner_optimizer={self.inner_optimizer!r} applies to "
                               f"{', '.join(_INNER_OPTIMIZER_ALGORITHMS)}; the inner loop of {self.algorithm!r} "

@@ -65,8 +65,10 @@ def learning_rate(config: Config, step: int) -> float:
 
 def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
+        # Reptile's outer step is the plain interpolation theta += lr * (mean phi - theta): no momentum unless asked.
+        default = 0.0 if config.algorithm == "reptile" else 0.9
         return torch.optim.SGD(parameters, lr=config.meta_lr,
-                               momentum=0.9 if config.meta_momentum is None else config.meta_momentum)
+                               momentum=default if config.meta_momentum is None else config.meta_momentum)
     return torch.optim.Adam(parameters, lr=config.meta_lr)
 
 
