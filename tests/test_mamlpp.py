@@ -28,21 +28,7 @@ needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.
                                     reason=f"Omniglot zips not found under {DATA}/omniglot (set FASTADAPT_DATA)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv4(seed=0) -> Conv4:

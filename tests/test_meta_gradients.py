@@ -15,12 +15,7 @@ from fastadapt import ANIL, FOMAML, MAML, MetaSGD, TaskBatch
 from fastadapt.nn import MLP, Conv4
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _image_batch(tasks=3, ways=3, shots=2, queries=4, size=16, seed=0) -> TaskBatch:
