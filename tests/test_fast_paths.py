@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastadapt import MAML, TaskBatch
-from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, set_fusion
+from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, unfused
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import Conv4
 from fastadapt.runtime import keep_freed_memory
@@ -57,9 +57,8 @@ def test_fusion_is_used_only_where_recognised_and_can_be_switched_off():
     assert fused_forward(model) is not None
     assert fused_forward(Conv4(in_channels=8, ways=5, hidden=8, image_size=16)) is None  # 8*9 > 32 patch entries
     assert fused_forward(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
-    set_fusion(model, False)
-    assert fused_forward(model) is None
-    set_fusion(model, True)
+    with unfused():
+        assert fused_forward(model) is None
     assert fused_forward(model) is not None
 
 

@@ -15,6 +15,8 @@ from torch.func import functional_call
 from fastadapt import FOMAML, MAML, EpisodeSampler, TaskBatch
 from fastadapt.algorithms import MAMLPlusPlus
 from fastadapt.algorithms.annealing import multi_step_loss_weights
+from fastadapt.cli import _run_config, build_parser
+from fastadapt.functional.fused_block import fused_forward
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
 from fastadapt.training.config import Config, ConfigError, load_recipe
@@ -193,6 +195,8 @@ def test_per_step_statistics_leave_training_gradients_unchanged_and_track_each_s
     with_stats = MAMLPlusPlus(_conv4(), inner_lr=0.2, inner_steps=2, multi_step_loss_iterations=0,
                               per_step_bn_statistics=True)
     without = MAMLPlusPlus(_conv4(), inner_lr=0.2, inner_steps=2, multi_step_loss_iterations=0)
+    # the statistics run their forwards unfused; other learners on the same model keep the reordered block
+    assert fused_forward(with_stats.model) is not None
     # transductive batch statistics normalise in training: the statistics change no gradient
     assert_grads_close(engine_grads(with_stats, batch), engine_grads(without, batch))
     norm = with_stats.step_norm
@@ -207,6 +211,14 @@ def test_per_step_statistics_leave_training_gradients_unchanged_and_track_each_s
     with torch.no_grad():  # nor does a meta-loss without gradients (it is not training)
         with_stats.meta_loss(batch)
     assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
+
+
+def test_per_step_statistics_refuse_a_forward_that_skips_batchnorm_layers():
+    norm = MAMLPlusPlus(_conv4(), inner_steps=2, per_step_bn_statistics=True).step_norm
+    x = torch.rand(4, 6, 5, 5)
+    with pytest.raises(RuntimeError, match="saw 1 batch_norm calls in one forward; the model has 4"):
+        with norm.hooks(training=True).context(0):
+            F.batch_norm(x, None, None, training=True)
 
 
 def test_per_step_statistics_make_evaluation_inductive():
@@ -260,6 +272,13 @@ def test_maml_plus_plus_config_defaults_and_errors():
     ]:
         with pytest.raises(ConfigError, match=match):
             Config.from_dict(values)
+
+
+def test_run_defaults_keep_the_cosine_floor_below_a_meta_lr_the_user_sets():
+    parse = build_parser().parse_args
+    assert _run_config(parse(["run", "--algo", "maml++", "--dataset", "omniglot"])).min_meta_lr == 1e-5
+    slow = _run_config(parse(["run", "--algo", "maml++", "--dataset", "omniglot", "--meta-lr", "1e-5"]))
+    assert (slow.meta_lr, slow.min_meta_lr) == (1e-5, pytest.approx(1e-7))  # 1% of the rate, as the default
 
 
 @pytest.mark.parametrize("benchmark, batch", [("5w1s", 16), ("5w5s", 8), ("20w1s", 16), ("20w5s", 8)])

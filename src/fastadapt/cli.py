@@ -152,6 +152,8 @@ def _run_config(args: argparse.Namespace) -> Config:
         # (MAML++'s per-step rates and BatchNorm weights exist for the training steps only)
         given["eval_inner_steps"] = (given["inner_steps"] if args.algo == "maml++"
                                      else max(given["inner_steps"], values.get("eval_inner_steps", 1)))
+    if "min_meta_lr" in values and "meta_lr" in given:  # a default cosine floor keeps its ratio to the rate
+        values["min_meta_lr"] *= given["meta_lr"] / values["meta_lr"]
     values = {**values, **given}
     values["log_every"] = max(1, values["iterations"] // 20)
     return Config.from_dict(values)

@@ -39,7 +39,6 @@ from torch.func import vmap
 from ..data.episodes import TaskBatch
 from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
                           mixed_precision, split_meta_gradients)
-from ..functional.fused_block import set_fusion
 from ..functional.inner_loop import StepHooks
 from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
@@ -190,8 +189,6 @@ class GradientLearner(nn.Module):
         self._make_optimizer = INNER_OPTIMIZERS[inner_optimizer] if isinstance(inner_optimizer, str) else inner_optimizer
         self.step_norm = (PerStepBatchNorm(model, inner_steps, weights=per_step_bn_weights,
                                            statistics=per_step_bn_statistics) if per_step_norm else None)
-        if per_step_bn_statistics:
-            set_fusion(model, False)  # the statistics need every BatchNorm to run through F.batch_norm
         # With per-step BatchNorm weights the layers' own weights and biases are replaced, not adapted.
         replaced = ({f"{name}.{kind}" for name, _ in batch_norm_layers(model) for kind in ("weight", "bias")}
                     if per_step_bn_weights else set())

@@ -22,15 +22,17 @@ any two correct implementations.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "fused_forward", "set_fusion", "is_fusable"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "fused_forward", "unfused", "is_fusable"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -81,11 +83,27 @@ def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tens
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Callable | None]" = weakref.WeakKeyDictionary()
+_UNFUSED: ContextVar[bool] = ContextVar("fastadapt_unfused", default=False)
 
 
-def set_fusion(model: nn.Module, enabled: bool) -> None:
-    """Turns the reordered first block on (the default where recognised) or off for `model`."""
-    _CACHE[model] = _build(model) if enabled else None
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Within the block every model runs layer by layer (`fused_forward` gives None), for code
+    that intercepts `F.batch_norm`, as per-step BatchNorm statistics do. Only this thread and
+    context are affected; other learners on the same model keep the reordered block.
+
+    Example:
+        >>> from fastadapt.nn import Conv4
+        >>> model = Conv4.omniglot(ways=5)
+        >>> with unfused():
+        ...     print(fused_forward(model))
+        None
+    """
+    token = _UNFUSED.set(True)
+    try:
+        yield
+    finally:
+        _UNFUSED.reset(token)
 
 
 def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
@@ -103,6 +121,8 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
         >>> torch.allclose(run(dict(model.named_parameters()), x), model(x), atol=1e-5)
         True
     """
+    if _UNFUSED.get():
+        return None
     if model not in _CACHE:
         _CACHE[model] = _build(model)
     return _CACHE[model]

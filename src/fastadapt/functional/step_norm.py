@@ -17,19 +17,21 @@ the last step is s = steps), uses slot s of every BatchNorm layer:
 The statistics work by intercepting `F.batch_norm` (a `TorchFunctionMode`): the k-th call of one
 forward is the k-th BatchNorm layer of `model.named_modules()`; a forward that calls them in
 another order or number is refused with an error. The reordered first conv block
-(`functional.fused_block`) computes its normalisation without `F.batch_norm`, so models using
-statistics must run unfused (`set_fusion(model, False)`; the learner does this).
+(`functional.fused_block`) computes its normalisation without `F.batch_norm`, so the statistics'
+forwards run unfused (the step context enters `fused_block.unfused()`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from .fused_block import unfused
 
 __all__ = ["PerStepBatchNorm", "batch_norm_layers"]
 
@@ -118,12 +120,18 @@ class _Hooks:
         if not self.owner.statistics:
             return contextlib.nullcontext()
         self._check(step)
-        return _StepStatistics(self.owner, step, self.training, self.update)
+        return _unfused_statistics(_StepStatistics(self.owner, step, self.training, self.update))
 
     def _check(self, step: int) -> None:
         if not 0 <= step < self.owner.slots:
             raise ValueError(f"per-step BatchNorm has slots for {self.owner.slots - 1} inner steps; step {step} "
                              f"was asked for (use at most {self.owner.slots - 1} inner steps)")
+
+
+@contextlib.contextmanager
+def _unfused_statistics(statistics: "_StepStatistics") -> Iterator[None]:
+    with unfused(), statistics:
+        yield
 
 
 class _StepStatistics(TorchFunctionMode):
@@ -169,6 +177,10 @@ class _StepStatistics(TorchFunctionMode):
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
+        if exc[0] is None and self.calls not in (0, len(self.owner.names)):
+            self.records.clear()
+            raise RuntimeError(f"per-step BatchNorm statistics saw {self.calls} batch_norm calls in one forward; the "
+                               f"model has {len(self.owner.names)} BatchNorm layers ({self.owner.names})")
         if exc[0] is None:
             m = self.owner.momentum
             with torch.no_grad():
