@@ -136,9 +136,12 @@ def _mamlpp(execution="loop", **options):
     return learner
 
 
-@pytest.mark.parametrize("execution", ["loop", "graph"])
+@pytest.mark.parametrize("execution", ["loop", "loop-per-task", "graph"])
 def test_multi_step_loss_with_per_step_rates_and_batchnorm_matches_autograd_reference(float64, execution):
-    learner = _mamlpp(execution)
+    learner = _mamlpp(execution.removesuffix("-per-task"))
+    assert learner._task_batched is not None  # "loop" runs the support phases of all tasks at once
+    if execution == "loop-per-task":
+        learner._task_batched = None
     learner.iteration.fill_(1)  # annealed weights, not equal ones
     batch = _batch()
     weights = learner.step_weights()

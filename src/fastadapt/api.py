@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
+
 from .io import read_json, write_json
 from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
 from .training.config import Config, ConfigError, load_recipe
@@ -84,6 +86,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
         raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
                           f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
+    if config.threads:  # the run's own thread count, as in training
+        torch.set_num_threads(config.threads)
     learner = build_learner(config)
     best = run_dir / "checkpoints" / "best.json"
     if best.is_file():

@@ -387,8 +387,10 @@ class GradientLearner(nn.Module):
         trainable = [p for p in self.parameters() if p.requires_grad]
         taskwise = not keep_graph and torch.is_grad_enabled() and bool(trainable)
         hooks = self._hooks(training=True)
-        if taskwise and self._task_batched is not None and hooks is None and weights is None:
-            return self._support_batched(batch, params, trainable, first_order)
+        # per-step BatchNorm statistics intercept each task's own batch_norm calls: those run per task
+        statistics = self.step_norm is not None and self.step_norm.statistics
+        if taskwise and self._task_batched is not None and not statistics:
+            return self._support_batched(batch, params, trainable, first_order, hooks, weights)
         count = len(batch)
         spec = self._inner_spec()
         losses, rows, total = [], [], None
@@ -414,13 +416,13 @@ class GradientLearner(nn.Module):
             mean_loss = loss_with_grads(mean_loss, trainable, total)
         return mean_loss, {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
 
-    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor], first_order: bool
-                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor], first_order: bool,
+                         hooks: StepHooks | None, weights: list[float] | None) -> tuple[Tensor, dict[str, Tensor]]:
         grads, outputs, losses, support_losses = batched_meta_gradients(
             self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
             first_order=first_order, query_pass=self._query_pass, wrt=trainable,
             autocast_dtype=_AUTOCAST[self.precision], group=self.task_group, checkpoint=self.checkpoint_inner_loop,
-            **self._inner_spec())
+            step_params=hooks.params if hooks is not None else None, step_weights=weights, **self._inner_spec())
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()

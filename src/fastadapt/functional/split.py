@@ -24,7 +24,7 @@ from .inner_loop import LossFn, Params, StepHooks, forward, inner_adapt, inner_t
 from .optim import InnerOptimizer
 from .taskwise import add_gradients, place_gradients
 
-__all__ = ["QueryPass", "split_meta_gradients", "mixed_precision"]
+__all__ = ["QueryPass", "split_meta_gradients", "mixed_precision", "check_step_weights"]
 
 
 class QueryPass:
@@ -113,7 +113,7 @@ def split_meta_gradients(
         [torch.Size([1, 1]), torch.Size([1])]
     """
     names, optimizer = resolve_inner(step_sizes, optimizer, names)
-    weights = _check_weights(step_weights, steps)
+    weights = check_step_weights(step_weights, steps)
     if checkpoint and not first_order:
         if step_sizes is None or hooks is not None or step_weights is not None:
             raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only "
@@ -144,7 +144,7 @@ def split_meta_gradients(
     return grads, output, total, support_loss
 
 
-def _check_weights(step_weights: Sequence[float] | None, steps: int) -> list[float]:
+def check_step_weights(step_weights: Sequence[float] | None, steps: int) -> list[float]:
     """The multi-step loss weights w_1 .. w_steps; None is the plain loss after the last step."""
     if step_weights is None:
         return [0.0] * (steps - 1) + [1.0]

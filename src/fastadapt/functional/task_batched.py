@@ -25,7 +25,7 @@ from ..data.episodes import TaskBatch
 from .fused_block import fused_forward, tasks_conv_bn_relu_pool
 from .inner_loop import LossFn, Params, resolve_inner
 from .optim import InnerOptimizer
-from .split import QueryPass, mixed_precision
+from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
 __all__ = ["task_batched_forward", "batched_meta_gradients"]
@@ -117,6 +117,8 @@ def batched_meta_gradients(
     checkpoint: bool = False,
     optimizer: InnerOptimizer | None = None,
     names: Sequence[str] | None = None,
+    step_params: Callable[[int], Params] | None = None,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
 
@@ -129,20 +131,29 @@ def batched_meta_gradients(
 
     The inner loop is plain SGD at `step_sizes`, or `optimizer` over `names` (`functional.optim`;
     its updates are element-wise, so they apply to the stacked `(T, ...)` weights as they are).
-    The checkpointed form supports plain SGD only.
+    MAML++'s options: `step_params(s)` gives parameters that replace the model's own in the
+    forwards at θ_s (per-step BatchNorm weights), and `step_weights` (w_1 .. w_steps) makes the
+    query loss the multi-step loss `sum_i w_i L_q(θ_i)`, as in `functional.split`. The
+    checkpointed form supports plain SGD only, without either.
     """
     names, optimizer = resolve_inner(step_sizes, optimizer, names)
-    if checkpoint and not first_order and step_sizes is None:
-        raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only, not an inner optimizer")
+    if checkpoint and not first_order and (step_sizes is None or step_params is not None or step_weights is not None):
+        raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only "
+                         "(no inner optimizer, per-step parameters or multi-step loss)")
+    weights = check_step_weights(step_weights, steps)
     totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
     checkpointed = checkpoint and not first_order
-    one_group = _group_checkpointed if checkpointed else _group_meta_gradients
     for part in batch.split(group):
-        grads, part_outputs, part_query, part_support = one_group(
-            run, params, part, loss_fn, steps, (step_sizes if checkpointed else optimizer), names, first_order,
-            query_pass, wrt, autocast_dtype, len(batch))
+        if checkpointed:
+            grads, part_outputs, part_query, part_support = _group_checkpointed(
+                run, params, part, loss_fn, steps, step_sizes, names, first_order, query_pass, wrt, autocast_dtype,
+                len(batch))
+        else:
+            grads, part_outputs, part_query, part_support = _group_meta_gradients(
+                run, params, part, loss_fn, steps, optimizer, names, first_order, query_pass, wrt, autocast_dtype,
+                len(batch), step_params, weights)
         totals = add_gradients(totals, grads)
         outputs += part_outputs
         query_losses.append(part_query)
@@ -152,26 +163,44 @@ def batched_meta_gradients(
 
 def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
                           optimizer: InnerOptimizer, names: list[str], first_order: bool, query_pass: QueryPass,
-                          wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
+                          wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int,
+                          step_params: Callable[[int], Params] | None, weights: list[float]):
     tasks = len(batch)
-    adapted = {name: p.expand(tasks, *p.shape) for name, p in params.items()}
+
+    def stacked(values: Params) -> Params:
+        return {name: p.expand(tasks, *p.shape) for name, p in values.items()}
+
+    def at_step(point: Params, step: int) -> Params:
+        return point if step_params is None else {**point, **stacked(step_params(step))}
+
+    adapted = stacked(params)
+    points = [adapted]
     per_task_loss = vmap(loss_fn)
     state = optimizer.init({n: adapted[n] for n in names})
     support_losses = None
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             with mixed_precision(autocast_dtype):
-                losses = per_task_loss(run(adapted, batch.support_x), batch.support_y)
+                losses = per_task_loss(run(at_step(adapted, step), batch.support_x), batch.support_y)
             support_losses = losses.detach() if support_losses is None else support_losses
             grads = torch.autograd.grad(losses.sum(), [adapted[n] for n in names], create_graph=not first_order,
                                         allow_unused=True, materialize_grads=True)
             updated, state = optimizer.update({n: g.detach() if first_order else g for n, g in zip(names, grads)},
                                               state, {n: adapted[n] for n in names})
             adapted = {**adapted, **updated}
-        outputs, query_losses, query_grads = _query_passes(query_pass, adapted, batch)
-        differentiable = [n for n, p in adapted.items() if p.requires_grad]
-        meta_grads = torch.autograd.grad([adapted[n] for n in differentiable], list(wrt),
-                                         [query_grads[n] / total_tasks for n in differentiable], allow_unused=True)
+            points.append(adapted)
+        # one first-order query pass per weighted point, then one backward through the support graph
+        targets, grad_outputs, query_losses = [], [], None
+        for step, weight in enumerate(weights, start=1):
+            if weight == 0 and step < steps:
+                continue
+            at = at_step(points[step], step)
+            outputs, losses, query_grads = _query_passes(query_pass, at, batch)
+            query_losses = weight * losses if query_losses is None else query_losses + weight * losses
+            differentiable = [n for n, p in at.items() if p.requires_grad]
+            targets += [at[n] for n in differentiable]
+            grad_outputs += [query_grads[n] * (weight / total_tasks) for n in differentiable]
+        meta_grads = torch.autograd.grad(targets, list(wrt), grad_outputs, allow_unused=True)
     return list(meta_grads), outputs, query_losses, support_losses
 
 

@@ -1,0 +1,65 @@
+"""CPU seconds per MAML++ step: all tasks' support phases at once against one task at a time.
+
+MAML++ as `fastadapt run --algo maml++` trains it (5 second-order inner steps, per-step
+per-layer rates, per-step BatchNorm weights, meta-batch 16, one query per class), during the
+multi-step-loss phase (5 query passes per task) and after it (1). Process CPU time on one
+thread, contenders interleaved within every repeat, so the ratios hold also on a machine other
+jobs share. Conv4, Omniglot-shaped random images.
+
+    cd benchmarks && python mamlpp_paths_cpu.py --shots 1 5 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import random_batch
+from fastadapt.algorithms import MAMLPlusPlus
+from fastadapt.nn import Conv4
+from fastadapt.runtime import keep_freed_memory
+
+
+def learner(model: torch.nn.Module, tasks_at_once: bool) -> MAMLPlusPlus:
+    """MAML++ at the run defaults; `tasks_at_once=False` forces the per-task support phase."""
+    maml = MAMLPlusPlus(model, inner_lr=0.1, inner_steps=5, multi_step_loss_iterations=10**9)
+    if not tasks_at_once:
+        maml._task_batched = None
+    return maml
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    print("| shots | loss | contender | CPU s per step (median) | speed against per task (median, min-max) |")
+    print("| --- | --- | --- | --- | --- |")
+    for shots in args.shots:
+        torch.manual_seed(0)
+        model, batch = Conv4.omniglot(5), random_batch(16, 5, shots, 1)
+        runs = {"per task": learner(model, False), "tasks at once (groups of 2)": learner(model, True)}
+        for phase, iteration in (("multi-step", 0), ("last step", 10**9)):
+            seconds: dict[str, list[float]] = {name: [] for name in runs}
+            for repeat in range(args.repeats + 1):  # the first is a warm-up
+                for name, maml in runs.items():
+                    maml.iteration.fill_(iteration)
+                    maml.zero_grad(set_to_none=True)
+                    start = time.process_time()
+                    maml.meta_loss(batch)[0].backward()
+                    if repeat:
+                        seconds[name].append(time.process_time() - start)
+            base = seconds["per task"]
+            for name, values in seconds.items():
+                ratios = [b / v for v, b in zip(values, base)]
+                print(f"| {shots} | {phase} | {name} | {statistics.median(values):.2f} | "
+                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
