@@ -1,15 +1,27 @@
-"""Wall time to a test accuracy on real Omniglot 5w1s: fastadapt against learn2learn's own MAML recipe.
+"""Wall time to a test accuracy on real Omniglot 5w1s: fastadapt against learn2learn's own recipes.
 
 Both train on episodes of the same 1200 training characters (fastadapt's sampler: learn2learn's
 `get_tasksets` needs torchvision's downloader, which has no network here) and are evaluated every
-`--eval-every` iterations on the same fixed test episodes; the clock stops during evaluation.
+`--eval-every` iterations on the same fixed 5-way 1-shot test episodes; the clock stops during
+evaluation.
+
+`--algorithm maml`:
 - fastadapt: `fastadapt run`'s MAML defaults (Conv4 with max-pool, inner lr 0.4, 1 step in
   training and 3 at test, Adam 3e-3, meta-batch 32, 1 query per class), fp32 or `--precision bf16`.
 - learn2learn: examples/vision/maml_omniglot.py as published (OmniglotCNN with strided
   convolutions, `l2l.algorithms.MAML(lr=0.5)`, Adam 3e-3, meta-batch 32, 1 adaptation step,
   1 query per class, clone/adapt/backward per task). Runs in the peer venv.
 
-    python benchmarks/time_to_accuracy.py --contender fastadapt --data-root ../shared/data \\
+`--algorithm protonet` (one episode per iteration):
+- fastadapt: `fastadapt run --algo protonet`'s defaults (Conv4, 20-way 1-shot training episodes
+  with 5 queries per class, Adam 1e-3).
+- learn2learn: examples/vision/protonet_miniimagenet.py's recipe on Omniglot's one channel (its
+  Convnet: four conv-BN-ReLU-pool blocks with BatchNorm weights drawn from U(0, 1); 30-way 1-shot
+  training episodes with 15 queries per class; Adam 1e-3 halved every 20 epochs of 100
+  episodes; evaluated in eval mode, as the recipe validates). Its computation is plain PyTorch
+  (learn2learn supplies only the task sampling, replaced here), so it runs in either venv.
+
+    python benchmarks/time_to_accuracy.py --algorithm maml --contender fastadapt --data-root ../shared/data \\
         --target 0.97 --budget-minutes 30 [--precision bf16] [--threads 2]
 
 Prints one line per evaluation: iteration, training seconds, test accuracy +- 95% CI.
@@ -20,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fastadapt import MAML, TaskBatch
+from fastadapt import MAML, ProtoNet, TaskBatch
 from fastadapt.data import EpisodeSampler
 from fastadapt.data.omniglot import omniglot_splits
 from fastadapt.nn import Conv4
@@ -36,7 +50,22 @@ Step = Callable[[TaskBatch], None]
 Accuracy = Callable[[TaskBatch], torch.Tensor]
 
 
-def fastadapt_contender(precision: str) -> tuple[torch.nn.Module, Step, Accuracy]:
+@dataclass
+class Recipe:
+    """One contender's training: its model, step and test accuracy, outer learning rate, training
+    episodes (ways, queries per class, tasks per iteration) and learning-rate halving period."""
+
+    model: nn.Module
+    step: Step
+    accuracy: Accuracy
+    lr: float
+    ways: int
+    queries: int
+    tasks: int
+    halve_every: int | None = None
+
+
+def fastadapt_maml(precision: str) -> Recipe:
     learner = MAML(Conv4.omniglot(5), inner_lr=0.4, inner_steps=1, precision=precision)
 
     def step(batch: TaskBatch) -> None:
@@ -45,10 +74,10 @@ def fastadapt_contender(precision: str) -> tuple[torch.nn.Module, Step, Accuracy
     def accuracy(batch: TaskBatch) -> torch.Tensor:
         return learner.task_metrics(batch, inner_steps=3)["accuracy"]
 
-    return learner, step, accuracy
+    return Recipe(learner, step, accuracy, lr=3e-3, ways=5, queries=1, tasks=32)
 
 
-def learn2learn_contender() -> tuple[torch.nn.Module, Step, Accuracy]:
+def learn2learn_maml() -> Recipe:
     import learn2learn as l2l
 
     maml = l2l.algorithms.MAML(l2l.vision.models.OmniglotCNN(5), lr=0.5, first_order=False)
@@ -67,11 +96,61 @@ def learn2learn_contender() -> tuple[torch.nn.Module, Step, Accuracy]:
         return torch.stack([(adapted_logits(batch.support_x[t], batch.support_y[t], batch.query_x[t]).argmax(-1)
                              == batch.query_y[t]).float().mean() for t in range(len(batch))]).detach()
 
-    return maml, step, accuracy
+    return Recipe(maml, step, accuracy, lr=3e-3, ways=5, queries=1, tasks=32)
+
+
+def fastadapt_protonet(precision: str) -> Recipe:
+    net = ProtoNet(Conv4.omniglot(ways=None), precision=precision)
+
+    def step(batch: TaskBatch) -> None:
+        net.meta_loss(batch)[0].backward()
+
+    def accuracy(batch: TaskBatch) -> torch.Tensor:
+        return net.task_metrics(batch)["accuracy"]
+
+    return Recipe(net, step, accuracy, lr=1e-3, ways=20, queries=5, tasks=1)
+
+
+def learn2learn_protonet() -> Recipe:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        norm = nn.BatchNorm2d(cout)
+        nn.init.uniform_(norm.weight)
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), norm, nn.ReLU(), nn.MaxPool2d(2))
+
+    encoder = nn.Sequential(block(1, 64), block(64, 64), block(64, 64), block(64, 64), nn.Flatten())
+
+    def logits(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+        embedded = encoder(torch.cat([sx, qx]))
+        support, query = embedded[: len(sx)], embedded[len(sx):]
+        ways = int(sy.max()) + 1
+        prototypes = torch.zeros(ways, support.shape[1]).index_add_(0, sy, support) / torch.bincount(sy)[:, None]
+        return -((query[:, None] - prototypes[None]) ** 2).sum(-1)
+
+    def step(batch: TaskBatch) -> None:
+        encoder.train()
+        for t in range(len(batch)):
+            F.cross_entropy(logits(batch.support_x[t], batch.support_y[t], batch.query_x[t]), batch.query_y[t]).backward()
+
+    def accuracy(batch: TaskBatch) -> torch.Tensor:
+        encoder.eval()
+        with torch.no_grad():
+            return torch.stack([(logits(batch.support_x[t], batch.support_y[t], batch.query_x[t]).argmax(-1)
+                                 == batch.query_y[t]).float().mean() for t in range(len(batch))])
+
+    return Recipe(encoder, step, accuracy, lr=1e-3, ways=30, queries=15, tasks=1, halve_every=2000)
+
+
+RECIPES: dict[tuple[str, str], Callable[[str], Recipe]] = {
+    ("maml", "fastadapt"): fastadapt_maml,
+    ("maml", "learn2learn"): lambda precision: learn2learn_maml(),
+    ("protonet", "fastadapt"): fastadapt_protonet,
+    ("protonet", "learn2learn"): lambda precision: learn2learn_protonet(),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithm", choices=("maml", "protonet"), default="maml")
     parser.add_argument("--contender", choices=("fastadapt", "learn2learn"), required=True)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fastadapt only")
     parser.add_argument("--data-root", required=True)
@@ -87,13 +166,14 @@ def main() -> None:
     keep_freed_memory()
     torch.manual_seed(args.seed)
     splits = omniglot_splits(args.data_root)
-    train = EpisodeSampler(splits["train"], 5, 1, 1, seed=args.seed)
+    recipe = RECIPES[args.algorithm, args.contender](args.precision)
+    train = EpisodeSampler(splits["train"], recipe.ways, 1, recipe.queries, seed=args.seed)
     test = EpisodeSampler(splits["test"], 5, 1, 15, seed=1)
     test_batches = [test.task_batch(i, 50) for i in range(0, args.eval_episodes, 50)]
-    model, step, accuracy = (learn2learn_contender() if args.contender == "learn2learn"
-                             else fastadapt_contender(args.precision))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    label = args.contender + (f" {args.precision}" if args.contender == "fastadapt" else "")
+    optimizer = torch.optim.Adam(recipe.model.parameters(), lr=recipe.lr)
+    schedule = (torch.optim.lr_scheduler.StepLR(optimizer, recipe.halve_every, gamma=0.5)
+                if recipe.halve_every else None)
+    label = f"{args.algorithm} " + args.contender + (f" {args.precision}" if args.contender == "fastadapt" else "")
     print(f"{label}: Omniglot 5w1s, target {args.target:.2%}, budget {args.budget_minutes} min, "
           f"{args.threads} threads, test on {args.eval_episodes} fixed episodes (15 queries per class)", flush=True)
     history, trained, iteration = [], 0.0, 0
@@ -101,11 +181,13 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.eval_every):
             optimizer.zero_grad(set_to_none=True)
-            step(train.task_batch(iteration * 32, 32))
+            recipe.step(train.task_batch(iteration * recipe.tasks, recipe.tasks))
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             iteration += 1
         trained += time.perf_counter() - start
-        estimate = mean_ci95(torch.cat([accuracy(b) for b in test_batches]))
+        estimate = mean_ci95(torch.cat([recipe.accuracy(b) for b in test_batches]))
         history.append({"iteration": iteration, "seconds": trained, "accuracy": estimate.mean, "ci95": estimate.ci95})
         print(f"iteration {iteration:6d}  trained {trained:7.1f} s  test accuracy {estimate.mean:.4f} +- "
               f"{estimate.ci95:.4f}", flush=True)
