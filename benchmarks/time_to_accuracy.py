@@ -18,8 +18,10 @@ evaluation.
 - learn2learn: examples/vision/protonet_miniimagenet.py's recipe on Omniglot's one channel (its
   Convnet: four conv-BN-ReLU-pool blocks with BatchNorm weights drawn from U(0, 1); 30-way 1-shot
   training episodes with 15 queries per class; Adam 1e-3 halved every 20 epochs of 100
-  episodes; evaluated in eval mode, as the recipe validates). Its computation is plain PyTorch
-  (learn2learn supplies only the task sampling, replaced here), so it runs in either venv.
+  episodes). Its computation is plain PyTorch (learn2learn supplies only the task sampling,
+  replaced here), so it runs in either venv. Both are tested the same way: each episode's support
+  and query images embedded together with their batch statistics (the recipe validates with
+  running statistics instead; its BatchNorm keeps none here, which changes nothing in training).
 
     python benchmarks/time_to_accuracy.py --algorithm maml --contender fastadapt --data-root ../shared/data \\
         --target 0.97 --budget-minutes 30 [--precision bf16] [--threads 2]
@@ -114,7 +116,7 @@ def fastadapt_protonet(precision: str) -> Recipe:
 
 def learn2learn_protonet() -> Recipe:
     def block(cin: int, cout: int) -> nn.Sequential:
-        norm = nn.BatchNorm2d(cout)
+        norm = nn.BatchNorm2d(cout, track_running_stats=False)  # batch statistics in tests too, as fastadapt's
         nn.init.uniform_(norm.weight)
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), norm, nn.ReLU(), nn.MaxPool2d(2))
 
@@ -128,12 +130,10 @@ def learn2learn_protonet() -> Recipe:
         return -((query[:, None] - prototypes[None]) ** 2).sum(-1)
 
     def step(batch: TaskBatch) -> None:
-        encoder.train()
         for t in range(len(batch)):
             F.cross_entropy(logits(batch.support_x[t], batch.support_y[t], batch.query_x[t]), batch.query_y[t]).backward()
 
     def accuracy(batch: TaskBatch) -> torch.Tensor:
-        encoder.eval()
         with torch.no_grad():
             return torch.stack([(logits(batch.support_x[t], batch.support_y[t], batch.query_x[t]).argmax(-1)
                                  == batch.query_y[t]).float().mean() for t in range(len(batch))])
@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error(f"--clock cpu sums the CPU time of all threads (idle ones spin too): use --threads 1, "
+                     f"got --threads {args.threads}")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     torch.manual_seed(args.seed)
@@ -178,7 +181,7 @@ def main() -> None:
                 if recipe.halve_every else None)
     label = f"{args.algorithm} " + args.contender + (f" {args.precision}" if args.contender == "fastadapt" else "")
     print(f"{label}: Omniglot 5w1s, target {args.target:.2%}, budget {args.budget_minutes} min, "
-          f"{args.threads} threads, test on {args.eval_episodes} fixed episodes (15 queries per class)", flush=True)
+          f"{args.threads} threads, {args.clock} clock, test on {args.eval_episodes} fixed episodes (15 queries per class)", flush=True)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     history, trained, iteration = [], 0.0, 0
     while trained < 60 * args.budget_minutes:

@@ -17,6 +17,7 @@ from fastadapt.algorithms import MAMLPlusPlus
 from fastadapt.algorithms.annealing import multi_step_loss_weights
 from fastadapt.cli import _run_config, build_parser
 from fastadapt.functional.fused_block import fused_forward
+from fastadapt.functional.task_batched import batched_meta_gradients
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
 from fastadapt.training.config import Config, ConfigError, load_recipe
@@ -147,6 +148,35 @@ def test_multi_step_loss_with_per_step_rates_and_batchnorm_matches_autograd_refe
     weights = learner.step_weights()
     assert weights is not None and len(set(weights)) == 2
     assert_grads_close(engine_grads(learner, batch), _reference(learner, batch, weights))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_all_tasks_at_once_equals_task_by_task_in_loss_metrics_and_gradients(float64, first_order):
+    # 3 tasks in groups of 2 (uneven), a zero middle weight; first order too
+    batch = _batch(tasks=3)
+    results = []
+    for at_once in (True, False):
+        learner = _mamlpp(first_order=first_order, task_group=2)
+        learner.step_weights = lambda: [0.3, 0.0, 0.7]
+        if not at_once:
+            learner._task_batched = None
+        learner.zero_grad(set_to_none=True)
+        loss, metrics = learner.meta_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad for p in learner.parameters() if p.requires_grad]))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-12, atol=0)
+    assert all(torch.allclose(metrics_a[k], metrics_b[k], rtol=1e-12, atol=1e-15) for k in metrics_b)
+    assert_grads_close(grads_a, grads_b, tol=1e-12)
+
+
+def test_batched_engine_refuses_step_parameters_that_the_inner_loop_adapts():
+    learner = _mamlpp()
+    params = learner.meta_params()
+    with pytest.raises(ValueError, match=r"step_params replace parameter\(s\) \['head.weight'\], which the inner loop"):
+        batched_meta_gradients(learner._task_batched, params, _batch(), loss_fn=F.cross_entropy, steps=1,
+                               step_sizes={"head.weight": 0.1}, first_order=False, query_pass=learner._query_pass,
+                               wrt=list(params.values()), step_params=lambda step: {"head.weight": params["head.weight"]})
 
 
 def test_after_the_multi_step_phase_only_the_last_step_counts(float64):

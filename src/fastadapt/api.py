@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
-
 from .io import read_json, write_json
+from .runtime import torch_threads
 from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
 from .training.config import Config, ConfigError, load_recipe
 from .training.evaluate import evaluate_learner
@@ -86,8 +85,6 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
         raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
                           f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
-    if config.threads:  # the run's own thread count, as in training
-        torch.set_num_threads(config.threads)
     learner = build_learner(config)
     best = run_dir / "checkpoints" / "best.json"
     if best.is_file():
@@ -98,7 +95,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     load_module_tensors(learner, tensors, "learner.", source)
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = test_source(config, ways, shots, queries)
-    estimates = evaluate_learner(learner, tasks, episodes, inner_steps=steps)
+    with torch_threads(config.threads):  # the run's own thread count, as in training
+        estimates = evaluate_learner(learner, tasks, episodes, inner_steps=steps)
     metric = "accuracy" if "accuracy" in estimates else "loss"
     ways, shots = ways or config.ways, shots or config.shots
     result = {

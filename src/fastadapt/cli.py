@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inner-steps", type=_positive_int, help="inner optimizer steps (training)")
     run.add_argument("--eval-inner-steps", type=_positive_int, help="inner optimizer steps at test time")
     run.add_argument("--inner-lr", type=_positive_float)
-    run.add_argument("--meta-lr", type=_positive_float, help="learning rate of the outer optimizer (Adam; SGD for reptile)")
+    run.add_argument("--meta-lr", type=_positive_float, help="learning rate of the outer optimizer (Adam; SGD for reptile); a default cosine floor (maml++) keeps its ratio to it")
     run.add_argument("--meta-batch", type=_positive_int, help="tasks per outer step")
     run.add_argument("--iterations", type=_positive_int, help="outer steps")
     run.add_argument("--eval-episodes", type=_positive_int, help="fixed test episodes (>= 2)")

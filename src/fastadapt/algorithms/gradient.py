@@ -21,10 +21,11 @@ Execution over a `TaskBatch` (`execution=`):
 - "vmap": all tasks in one `torch.func.vmap` call; the default for models made only of layers
   whose vmap rules are exact (Linear, activations, Flatten, Dropout), e.g. the sinusoid MLP.
 
-Every path supports every inner optimizer and per-step rates exactly. The task-batched support
-phase of "loop" is used only without per-step BatchNorm and outside the multi-step-loss phase
-(otherwise "loop" runs task by task, still exact); `checkpoint_inner_loop` supports plain SGD
-with constant rates only and refuses the rest at construction.
+Every path supports every inner optimizer and per-step rates exactly. "loop" runs the support
+phases of all tasks at once (`functional.task_batched`) for Conv4-style models, with per-step
+rates, per-step BatchNorm weights and the multi-step loss; per-step BatchNorm statistics make it
+run task by task (still exact). `checkpoint_inner_loop` supports plain SGD with constant rates
+only and refuses the rest at construction.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def unfused() -> Iterator[None]:
 
 
 def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
-    """A forward for `model` with its first conv block reordered, or None if it has no such block.
+    """A forward for `model` with its first conv block reordered, or None if it has no such block
+    (or inside `unfused()`).
 
     Recognised: a `fastadapt.nn.Conv4` (a `features` Sequential then an optional `head`) whose
     first block is Conv2d (odd square kernel, stride 1, same zero padding, no groups or dilation,
@@ -121,7 +122,7 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
         >>> torch.allclose(run(dict(model.named_parameters()), x), model(x), atol=1e-5)
         True
     """
-    if _UNFUSED.get():
+    if not torch.compiler.is_compiling() and _UNFUSED.get():  # (Dynamo cannot trace ContextVar.get)
         return None
     if model not in _CACHE:
         _CACHE[model] = _build(model)

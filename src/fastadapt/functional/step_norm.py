@@ -177,7 +177,7 @@ class _StepStatistics(TorchFunctionMode):
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        if exc[0] is None and self.calls not in (0, len(self.owner.names)):
+        if exc[0] is None and self.calls not in (0, len(self.owner.names)):  # 0: no forward in the context
             self.records.clear()
             raise RuntimeError(f"per-step BatchNorm statistics saw {self.calls} batch_norm calls in one forward; the "
                                f"model has {len(self.owner.names)} BatchNorm layers ({self.owner.names})")

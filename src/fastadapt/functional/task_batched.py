@@ -137,9 +137,16 @@ def batched_meta_gradients(
     checkpointed form supports plain SGD only, without either.
     """
     names, optimizer = resolve_inner(step_sizes, optimizer, names)
-    if checkpoint and not first_order and (step_sizes is None or step_params is not None or step_weights is not None):
-        raise ValueError("the checkpointed inner loop supports plain SGD at step_sizes only "
-                         "(no inner optimizer, per-step parameters or multi-step loss)")
+    if checkpoint and not first_order:
+        given = [what for what, on in (("an inner optimizer", step_sizes is None),
+                                       ("per-step parameters", step_params is not None),
+                                       ("a multi-step loss", step_weights is not None)) if on]
+        if given:
+            raise ValueError(f"the checkpointed inner loop supports plain SGD at step_sizes only; got {', '.join(given)}")
+    if step_params is not None:
+        clash = sorted(set(step_params(0)) & set(names))
+        if clash:
+            raise ValueError(f"step_params replace parameter(s) {clash}, which the inner loop adapts")
     weights = check_step_weights(step_weights, steps)
     totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
@@ -175,7 +182,7 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
 
     adapted = stacked(params)
     points = [adapted]
-    per_task_loss = vmap(loss_fn)
+    per_task_loss = _per_task_loss(loss_fn)
     state = optimizer.init({n: adapted[n] for n in names})
     support_losses = None
     with torch.enable_grad():
@@ -219,7 +226,7 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
                         step_sizes: Mapping[str, Tensor | float], names: list[str], first_order: bool, query_pass: QueryPass,
                         wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
-    per_task_loss = vmap(loss_fn)
+    per_task_loss = _per_task_loss(loss_fn)
     real = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
     frozen = {n: p for n, p in real.items() if n not in step_sizes}
 
@@ -254,6 +261,12 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
         # θ_0 of every task is the shared initialisation
         totals = add_gradients(totals, place_gradients({n: g.sum(0) for n, g in zip(names, v)}, params, wrt))
     return totals, outputs, query_losses, support_losses
+
+
+def _per_task_loss(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    """`loss_fn` over stacked tasks, on outputs in at least float32 (under CPU autocast the vmapped
+    loss would otherwise stay in bf16, unlike the per-task path's)."""
+    return vmap(lambda output, target: loss_fn(output.to(torch.promote_types(output.dtype, torch.float32)), target))
 
 
 def _detached(size: Tensor | float) -> Tensor | float:
