@@ -27,8 +27,10 @@ def random_batch(tasks: int, ways: int, shots: int, queries: int, dtype: torch.d
 
 
 def interleaved_rates(runs: dict[str, Callable[[], None]], items: int, repeats: int,
-                      before_each: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """items/s of each run, alternating the runs within every repeat (after one warm-up each)."""
+                      before_each: Callable[[], None] = lambda: None,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """items/s of each run, alternating the runs within every repeat (after one warm-up each).
+    `clock=time.process_time` counts this process's CPU time (robust to a shared machine on one thread)."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
         before_each()
@@ -36,10 +38,17 @@ def interleaved_rates(runs: dict[str, Callable[[], None]], items: int, repeats: 
     for _ in range(repeats):
         for name, fn in runs.items():
             before_each()
-            start = time.perf_counter()
+            start = clock()
             fn()
-            rates[name].append(items / (time.perf_counter() - start))
+            rates[name].append(items / (clock() - start))
     return rates
+
+
+def speed_row(rates: dict[str, list[float]], name: str, baseline: str) -> str:
+    """`median seconds per item | median speed against baseline (min-max)` as Markdown cells."""
+    ratios = repeat_ratios(rates, name, baseline)
+    return (f"{statistics.median(1 / r for r in rates[name]):.2f} | {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def repeat_ratios(rates: dict[str, list[float]], candidate: str, baseline: str) -> list[float]:

@@ -12,12 +12,11 @@ jobs share. Conv4, Omniglot-shaped random images.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
-from common import random_batch
+from common import interleaved_rates, random_batch, speed_row
 from fastadapt.algorithms import MAMLPlusPlus
 from fastadapt.nn import Conv4
 from fastadapt.runtime import keep_freed_memory
@@ -45,20 +44,14 @@ def main() -> None:
         model, batch = Conv4.omniglot(5), random_batch(16, 5, shots, 1)
         runs = {"per task": learner(model, False), "tasks at once (groups of 2)": learner(model, True)}
         for phase, iteration in (("multi-step", 0), ("last step", 10**9)):
-            seconds: dict[str, list[float]] = {name: [] for name in runs}
-            for repeat in range(args.repeats + 1):  # the first is a warm-up
-                for name, maml in runs.items():
-                    maml.iteration.fill_(iteration)
-                    maml.zero_grad(set_to_none=True)
-                    start = time.process_time()
-                    maml.meta_loss(batch)[0].backward()
-                    if repeat:
-                        seconds[name].append(time.process_time() - start)
-            base = seconds["per task"]
-            for name, values in seconds.items():
-                ratios = [b / v for v, b in zip(values, base)]
-                print(f"| {shots} | {phase} | {name} | {statistics.median(values):.2f} | "
-                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+            for maml in runs.values():
+                maml.iteration.fill_(iteration)
+            steps = {name: (lambda maml=maml: maml.meta_loss(batch)[0].backward()) for name, maml in runs.items()}
+            # meta_loss advances the iteration counter, which only matters at the phase boundary, far away
+            rates = interleaved_rates(steps, 1, args.repeats, lambda: [m.zero_grad(set_to_none=True) for m in runs.values()],
+                                      time.process_time)
+            for name in rates:
+                print(f"| {shots} | {phase} | {name} | {speed_row(rates, name, 'per task')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ also on a machine other jobs share (wall-clock rates do not). Conv4, Omniglot-sh
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
-from common import random_batch
+from common import interleaved_rates, random_batch, speed_row
 from fastadapt import MAML
 from fastadapt.nn import Conv4
 from fastadapt.runtime import keep_freed_memory
@@ -40,22 +39,11 @@ def main() -> None:
     print("| inner steps | contender | CPU s per step (median) | speed against task_group=4 (median, min-max) |")
     print("| --- | --- | --- | --- |")
     for steps in args.steps:
-        runs = contenders(model, steps)
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
-        for learner in runs.values():  # warm-up
-            learner.meta_loss(batch)[0].backward()
-        for _ in range(args.repeats):
-            for name, learner in runs.items():
-                model.zero_grad(set_to_none=True)
-                start = time.process_time()
-                learner.meta_loss(batch)[0].backward()
-                seconds[name].append(time.process_time() - start)
-        base = seconds["task_group=4"]
-        for name, values in seconds.items():
-            ratios = [b / v for v, b in zip(values, base)]
-            print(f"| {steps} | {name} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f}x "
-                  f"({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
-
+        runs = {name: (lambda learner=learner: learner.meta_loss(batch)[0].backward())
+                for name, learner in contenders(model, steps).items()}
+        rates = interleaved_rates(runs, 1, args.repeats, lambda: model.zero_grad(set_to_none=True), time.process_time)
+        for name in rates:
+            print(f"| {steps} | {name} | {speed_row(rates, name, 'task_group=4')} |", flush=True)
 
 if __name__ == "__main__":
     main()
