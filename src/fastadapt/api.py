@@ -42,11 +42,12 @@ def run_config(run_dir: PathLike) -> Config:
 
 
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,
-          resume: bool = False, overrides: Mapping[str, Any] | None = None, progress: bool = True,
-          on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          resume: bool = False, overrides: Mapping[str, Any] | None = None, device: str | None = None,
+          progress: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Meta-trains and tests one config in a run directory; returns what `results.json` holds.
 
     `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
+    `device` (cpu, cuda, cuda:N) overrides where the run trains, a resumed one included.
     `progress` shows a progress bar; `on_row` receives every logged metrics row.
 
     Example:
@@ -63,13 +64,16 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
         if config is None:
             raise ConfigError("train needs a config, a mapping of config keys, or a recipe path")
         resolved = resolve_config(config, overrides)
+    if device is not None:
+        resolved = resolved.replace(device=device)
     run_dir = Path(out) if out is not None else default_run_dir(resolved)
     return Trainer(resolved, run_dir, progress=progress, on_row=on_row).fit(resume=resume)
 
 
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
-             queries: int | None = None, inner_steps: int | None = None) -> dict[str, Any]:
-    """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes.
+             queries: int | None = None, inner_steps: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
+    `device` (default: the run's own).
 
     Other ways / shots / inner steps than in training are allowed where the model permits (a MAML
     head has `ways` outputs; ProtoNet takes any). Writes `RUN_DIR/evals/<...>.json` and returns it.
@@ -80,6 +84,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     """
     run_dir = Path(run_dir)
     config = run_config(run_dir)
+    if device is not None:
+        config = config.replace(device=device)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):

@@ -12,6 +12,7 @@ cores, reporting the query MSE before and after adaptation.
 from __future__ import annotations
 
 import argparse
+import re
 import logging
 import sys
 import time
@@ -86,6 +87,8 @@ def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callab
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_device = _checked(str, lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None, "cpu, cuda or cuda:N")
+_DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N (default cpu)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     run.add_argument("--precision", choices=("fp32", "bf16"),
-                     help="bf16: CPU bf16 autocast, float32 weights and meta-gradients (default fp32)")
+                     help="bf16: bf16 autocast, float32 weights and meta-gradients (default fp32)")
+    run.add_argument("--device", type=_device, help=_DEVICE_HELP)
     run.add_argument("--head", choices=("linear", "cosine"), help="baseline: linear (Baseline) or cosine (Baseline++)")
     run.add_argument("--imaml-lambda", type=_positive_float, help="imaml: strength of the proximal term")
     run.add_argument("--cg-steps", type=_positive_int, help="imaml: conjugate-gradient iterations")
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one recipe key, e.g. --set shots=5 (repeatable)")
     recipe.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
     recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    recipe.add_argument("--device", type=_device, help=_DEVICE_HELP + "; with --resume, where the run continues")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shots", type=_positive_int)
     ev.add_argument("--queries", type=_positive_int)
     ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
+    ev.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default: the run's)")
 
     rep = commands.add_parser("report", help="plots and a Markdown table comparing runs")
     rep.add_argument("run_dirs", type=Path, nargs="+")
@@ -180,14 +186,15 @@ def _summary(results: dict[str, Any], run_dir: Path) -> None:
           f"{results['episodes']} episodes)  wall time {results['wall_time_s']:.1f} s  -> {run_dir / 'results.json'}")
 
 
-def _train(config: Config | None, run_dir: Path, resume: bool) -> None:
+def _train(config: Config | None, run_dir: Path, resume: bool, device: str | None = None) -> None:
     shown = run_config(run_dir) if resume else config
     assert shown is not None
     print(f"fastadapt {__version__}: {shown.algorithm} on {shown.dataset} "
           + (f"({shown.ways}-way {shown.shots}-shot)" if shown.task == "classification" else f"({shown.shots} shots)")
           + f"  -> {run_dir}", flush=True)
     interactive = sys.stderr.isatty()
-    results = train(config, run_dir, resume=resume, progress=interactive, on_row=None if interactive else _printer(shown))
+    results = train(config, run_dir, resume=resume, device=device, progress=interactive,
+                    on_row=None if interactive else _printer(shown))
     _summary(results, run_dir)
 
 
@@ -199,16 +206,16 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.resume is not None:
             if args.recipe is not None or args.overrides:
                 raise ConfigError("--resume continues a run with its own config: give no recipe or --set")
-            _train(None, args.resume, resume=True)
+            _train(None, args.resume, resume=True, device=args.device)
             return
         if args.recipe is None:
             raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
         config = resolve_config(args.recipe, parse_overrides(args.overrides))
-        _train(config, args.out or default_run_dir(config), resume=False)
+        _train(config, args.out or default_run_dir(config), resume=False, device=args.device)
     elif args.command == "eval":
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
-                              queries=args.queries, inner_steps=steps)
+                              queries=args.queries, inner_steps=steps, device=args.device)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner steps" if result["inner_steps"] else "")

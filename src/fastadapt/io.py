@@ -49,9 +49,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Saves tensors to safetensors, atomically."""
+    """Saves tensors to safetensors, atomically (from any device; they load on the CPU)."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

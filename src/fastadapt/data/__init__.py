@@ -3,10 +3,10 @@
 from .datasets import ImageClassDataset
 from .episodes import Episode, TaskBatch
 from .paths import resolve_cache_dir, resolve_data_root
-from .sampler import ClassBatchSampler, EpisodeSampler, TaskSource, episode_rng
+from .sampler import ClassBatchSampler, DeviceTasks, EpisodeSampler, TaskSource, episode_rng
 from .sinusoid import SinusoidTasks
 
 __all__ = [
-    "ClassBatchSampler", "Episode", "EpisodeSampler", "ImageClassDataset", "SinusoidTasks", "TaskBatch", "TaskSource",
+    "ClassBatchSampler", "DeviceTasks", "Episode", "EpisodeSampler", "ImageClassDataset", "SinusoidTasks", "TaskBatch", "TaskSource",
     "episode_rng", "resolve_cache_dir", "resolve_data_root",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .episodes import Episode, TaskBatch
 
-__all__ = ["TaskSource", "EpisodeSampler", "ClassBatchSampler", "episode_rng"]
+__all__ = ["TaskSource", "EpisodeSampler", "ClassBatchSampler", "DeviceTasks", "episode_rng"]
 
 
 class TaskSource(Protocol):
@@ -160,6 +160,29 @@ class ClassBatchSampler:
         x = x.reshape(size, self.classes * self.per_class, *x.shape[1:])
         y = torch.stack([labels for _, labels in pairs])
         return TaskBatch(x, y, x[:, :0], y[:, :0])
+
+
+class DeviceTasks:
+    """A task source whose episodes arrive on `device` (drawn as `source` draws them, then moved).
+
+    Episodes are sampled on the CPU from the seed, so they are the same episodes on every device.
+
+    Example:
+        >>> from fastadapt.data import SinusoidTasks
+        >>> DeviceTasks(SinusoidTasks(seed=3), "cpu").task_batch(0, 2).support_x.device.type
+        'cpu'
+    """
+
+    def __init__(self, source: TaskSource, device: torch.device | str) -> None:
+        self.source = source
+        self.device = torch.device(device)
+        self.seed = source.seed
+
+    def episode(self, index: int) -> Episode:
+        return self.source.episode(index).to(self.device)
+
+    def task_batch(self, start: int, size: int) -> TaskBatch:
+        return self.source.task_batch(start, size).to(self.device)
 
 
 def _class_index(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:

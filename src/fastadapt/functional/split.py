@@ -15,7 +15,7 @@ step's graph is rebuilt during the backward, so memory does not grow with the nu
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +68,15 @@ class QueryPass:
 
 
 def mixed_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """CPU autocast to `dtype`, or nothing for None (full precision)."""
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    """Autocast to `dtype` on the CPU (and CUDA, where present), or nothing for None (full precision)."""
+    return _autocast(dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _autocast(dtype: torch.dtype) -> Iterator[None]:
+    on_gpu = torch.autocast("cuda", dtype=dtype) if torch.cuda.is_available() else contextlib.nullcontext()
+    with torch.autocast("cpu", dtype=dtype), on_gpu:
+        yield
 
 
 def split_meta_gradients(

@@ -62,13 +62,14 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
 
     def run(params: Params, x: Tensor) -> Tensor:
         tasks, n = x.shape[:2]
-        if reorder:
+        reordered = reorder and x.device.type == "cpu"  # (on a GPU cuDNN's layers are faster)
+        if reordered:
             h = tasks_conv_bn_relu_pool(x, params["features.0.weight"], params["features.1.weight"],
                                         params["features.1.bias"], eps)              # (T, N, C, H, W)
         else:
             h = x
         h = h.transpose(0, 1).reshape(n, tasks * h.shape[2], *h.shape[3:])          # (N, T*C, H, W)
-        for prefix, m in layers[4 if reorder else 0:]:
+        for prefix, m in layers[4 if reordered else 0:]:
             if isinstance(m, nn.Conv2d):
                 w = params[prefix + "weight"]
                 bias = params[prefix + "bias"].reshape(-1) if m.bias is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -78,6 +79,9 @@ class Config:
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
+    # where the learner and its episodes live: cpu, cuda or cuda:N (not part of what a result depends
+    # on: a run trained on a GPU resumes and evaluates on a CPU and back)
+    device: str = "cpu"
     tensorboard: bool = False
     precision: str = "fp32"
     compile: bool = False
@@ -183,6 +187,7 @@ class Config:
         _choice("precision", self.precision, PRECISIONS)
         _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         _choice("head", self.head, HEADS)
+        _check_device(self.device)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
                     "log_every", "checkpoint_every", "schedule_step", "cg_steps"):
             _at_least(key, getattr(self, key), 1)
@@ -312,7 +317,7 @@ _TYPES: dict[str, type] = {
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
     "imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
-    "meta_momentum": float, "fce": bool, "similarity": str,
+    "meta_momentum": float, "fce": bool, "similarity": str, "device": str,
 }
 _OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads",
              "per_step_inner_lr", "multi_step_loss_iterations", "per_step_bn_weights",
@@ -341,6 +346,12 @@ def _check_type(key: str, value: Any, expected: type) -> None:
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_device(value: str) -> None:
+    """cpu, cuda or cuda:N; whether that device exists is checked where the run starts."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {value!r}")
 
 
 def _at_least(key: str, value: int, minimum: int, why: str = "") -> None:

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..algorithms import ANIL, FOMAML, IMAML, MAML, Baseline, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, Reptile
-from ..data import ClassBatchSampler, EpisodeSampler, SinusoidTasks, TaskSource
+from ..data import ClassBatchSampler, DeviceTasks, EpisodeSampler, SinusoidTasks, TaskSource
 from ..nn import MLP, Conv4
-from .config import Config
+from .config import Config, ConfigError
 
-__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes"]
+__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes", "resolve_device"]
 
 _GRADIENT_LEARNERS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "maml++": MAMLPlusPlus}
 
@@ -36,6 +36,24 @@ def baseline_classes(config: Config) -> int:
     return _OMNIGLOT_ROTATIONS * (_OMNIGLOT_TRAIN_CHARACTERS - config.validation_characters)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name` (cpu, cuda, cuda:N), refused with the reason if this machine lacks it.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for, but torch {torch.__version__} sees no CUDA GPU here "
+                              "(torch.cuda.is_available() is False); use device: cpu (--device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} was asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 @dataclass
 class Experiment:
     """The learner and the task sources of one run."""
@@ -47,12 +65,18 @@ class Experiment:
 
 
 def build_learner(config: Config) -> nn.Module:
-    """A freshly initialised learner (weights from `torch.manual_seed(config.seed)`).
+    """A freshly initialised learner on `config.device` (weights from `torch.manual_seed(config.seed)`,
+    drawn on the CPU: the same initial weights on every device).
 
     Example:
         >>> type(build_learner(Config())).__name__
         'MAML'
     """
+    device = resolve_device(config.device)
+    return _new_learner(config).to(device)
+
+
+def _new_learner(config: Config) -> nn.Module:
     torch.manual_seed(config.seed)
     if config.backbone == "mlp":
         model: nn.Module = MLP(1, [40, 40], 1)
@@ -93,9 +117,15 @@ def test_source(config: Config, ways: int | None = None, shots: int | None = Non
     """The fixed test episodes (seeded by `eval_seed`), optionally at other ways / shots / queries."""
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     if config.dataset == "sinusoid":
-        return SinusoidTasks(shots, queries, seed=_SINUSOID_TEST_SEED + config.eval_seed)
+        return _placed(config, SinusoidTasks(shots, queries, seed=_SINUSOID_TEST_SEED + config.eval_seed))
     splits = splits or _omniglot_splits(config)
-    return EpisodeSampler(splits["test"], ways, shots, queries, seed=config.eval_seed)
+    return _placed(config, EpisodeSampler(splits["test"], ways, shots, queries, seed=config.eval_seed))
+
+
+def _placed(config: Config, source: TaskSource) -> TaskSource:
+    """`source` delivering its episodes on the config's device (unchanged on the CPU)."""
+    device = resolve_device(config.device)
+    return source if device.type == "cpu" else DeviceTasks(source, device)
 
 
 def _pretraining_batches(config: Config, dataset: Any) -> ClassBatchSampler:
@@ -113,7 +143,8 @@ def build_experiment(config: Config) -> Experiment:
     if config.dataset == "sinusoid":
         train: TaskSource = SinusoidTasks(config.effective_train_shots, config.queries, seed=config.seed)
         validation = SinusoidTasks(config.shots, config.eval_queries, seed=_SINUSOID_VALIDATION_SEED + config.eval_seed)
-        return Experiment(learner, train, validation if config.validation_every else None, test_source(config))
+        return Experiment(learner, _placed(config, train),
+                          _placed(config, validation) if config.validation_every else None, test_source(config))
     splits = _omniglot_splits(config)
     if config.algorithm == "baseline":
         train = _pretraining_batches(config, splits["train"])
@@ -122,4 +153,5 @@ def build_experiment(config: Config) -> Experiment:
                                seed=config.seed)
     validation = (EpisodeSampler(splits["validation"], config.ways, config.shots, config.eval_queries, seed=config.eval_seed)
                   if "validation" in splits else None)
-    return Experiment(learner, train, validation, test_source(config, splits=splits))
+    return Experiment(learner, _placed(config, train), None if validation is None else _placed(config, validation),
+                      test_source(config, splits=splits))

@@ -72,6 +72,11 @@ def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=config.meta_lr)
 
 
+def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a result depends on: all but where it runs (a run resumes on another device)."""
+    return {k: v for k, v in config.items() if k != "device"}
+
+
 def _git_commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -214,15 +219,18 @@ class Trainer:
         if not (self.run_dir / "config.json").is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir}: no config.json (not a run directory)")
         tensors, saved, manifest = latest_checkpoint(self.checkpoints)
-        if saved["config"] != self.config.to_dict():
-            changed = sorted(k for k in saved["config"] if saved["config"][k] != self.config.to_dict().get(k))
+        if _result_keys(saved["config"]) != _result_keys(self.config.to_dict()):
+            changed = sorted(k for k in _result_keys(saved["config"])
+                             if saved["config"][k] != self.config.to_dict().get(k))
             raise ConfigError(f"the run in {self.run_dir} was made with other settings ({', '.join(changed)}); "
                               "resume it with its own config (fastadapt train --resume RUN_DIR)")
         load_module_tensors(learner, tensors, "learner.", manifest)
         optimizer_from_tensors(optimizer, tensors, saved.pop("optimizer"))
         torch.set_rng_state(tensors["rng.torch"])
         saved.pop("config")
-        saved["window"] = {k[len("window."):]: list(v.unbind()) for k, v in tensors.items() if k.startswith("window.")}
+        device = next(learner.parameters()).device  # the window joins this run's metrics, wherever it runs
+        saved["window"] = {k[len("window."):]: list(v.to(device).unbind())
+                           for k, v in tensors.items() if k.startswith("window.")}
         self._write_metrics(saved["history"])
         return saved
 
