@@ -56,10 +56,10 @@ def test_device_tasks_moves_the_same_episodes():
     assert moved.support_x.shape == source.task_batch(3, 2).support_x.shape
 
 
-def _batch(config: Config, tasks: int = 4, seed: int = 0) -> TaskBatch:
+def _batch(config: Config, tasks: int = 4, seed: int = 0, episodes: bool = False) -> TaskBatch:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(config.ways)
-    if config.algorithm == "baseline":  # a pre-training batch: global labels, no query set
+    if config.algorithm == "baseline" and not episodes:  # a pre-training batch: global labels, no query set
         x = torch.rand(1, 16, 1, 28, 28, generator=generator, dtype=torch.float64)
         y = torch.randint(0, 4800, (1, 16), generator=generator)
         return TaskBatch(x, y, x[:, :0], y[:, :0])
@@ -90,6 +90,20 @@ def test_meta_gradient_on_the_gpu_equals_the_cpu_in_float64(name):
         torch.manual_seed(1)  # Reptile's mini-batch order comes from the global generator
         grads[device] = [g.cpu() if g is not None else None for g in engine_grads(learner, batch.to(device))]
     assert_grads_close(grads["cuda"], grads["cpu"], tol=1e-8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", [n for n in LEARNERS if n != "maml-task-by-task"])
+def test_evaluation_on_the_gpu_equals_the_cpu_in_float64(name):
+    config = Config.from_dict({**OMNIGLOT, "algorithm": name.split("-")[0], **LEARNERS[name]})
+    batch = _batch(config, episodes=True)
+    metrics = {}
+    for device in ("cpu", "cuda"):
+        learner = build_learner(config.replace(device=device)).double()
+        metrics[device] = {k: v.cpu() for k, v in learner.task_metrics(batch.to(device)).items()}
+    assert metrics["cuda"].keys() == metrics["cpu"].keys()
+    for key, value in metrics["cpu"].items():
+        torch.testing.assert_close(metrics["cuda"][key], value, rtol=1e-7, atol=1e-9)
 
 
 @needs_cuda
