@@ -7,9 +7,12 @@ fast path, functional.fused_block, which the learner leaves to cuDNN's layers on
 by layer (`unfused()`), in fp32 and bf16 autocast; interleaved within every repeat, each
 timing `--steps-per-timing` meta-steps ended by a device sync. Peak GPU memory per contender from
 torch.cuda.max_memory_allocated. ProtoNet: episodes/s at 5w1s and 20w5s, one episode per step.
+iMAML (`--imaml`): its run defaults (5 inner steps, meta-batch 8) and recipe (16 steps, meta-batch
+32), 5 CG steps, task by task against the learner's default (all tasks at once on a GPU).
 
     python benchmarks/gpu_throughput.py --inner-steps 1 5 --repeats 3
     python benchmarks/gpu_throughput.py --groups 32 --paths layers --precisions fp32 --profile
+    python benchmarks/gpu_throughput.py --inner-steps --imaml
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable
 import torch
 
 from common import interleaved_rates, random_batch
-from fastadapt import MAML, ProtoNet
+from fastadapt import IMAML, MAML, ProtoNet
 from fastadapt.functional.fused_block import unfused
 from fastadapt.nn import Conv4
 
@@ -70,9 +73,28 @@ def _print_profile(title: str, run: Callable[[], None]) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
 
 
+def _imaml_rows(args: argparse.Namespace) -> None:
+    print("| iMAML setting | contender | tasks/s (median, min-max) |")
+    print("| --- | --- | --- |")
+    for setting, steps, tasks in (("run defaults", 5, 8), ("recipe", 16, 32)):
+        batch = random_batch(tasks, 5, 1, 1).to("cuda")
+        runs = {}
+        for name in ("task by task", "tasks at once (default)"):
+            torch.manual_seed(0)
+            learner = IMAML(Conv4.omniglot(5), inner_lr=0.1, inner_steps=steps, lam=2.0, cg_steps=5,
+                            cg_damping=22.0).cuda()
+            if name == "task by task":
+                learner._batched = None
+            runs[name] = _timed(learner, batch, args.steps_per_timing, contextlib.nullcontext)
+        rates = interleaved_rates(runs, tasks * args.steps_per_timing, args.repeats)
+        for name, r in rates.items():
+            print(f"| {setting} | {name} | {statistics.median(r):.0f} ({min(r):.0f}-{max(r):.0f}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--inner-steps", type=int, nargs="*", default=[1, 5], help="MAML rows (none: skip MAML)")
+    parser.add_argument("--imaml", action="store_true", help="also time iMAML task by task against tasks at once")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps-per-timing", type=int, default=10)
     parser.add_argument("--groups", nargs="+", default=["1", "32", "auto"], help="MAML task groups (numbers or auto)")
@@ -87,8 +109,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     batch = random_batch(32, 5, 1, 15).to("cuda")
-    print("| inner steps | contender | tasks/s (median, min-max) | peak GPU memory, MB |")
-    print("| --- | --- | --- | --- |")
+    if args.inner_steps:
+        print("| inner steps | contender | tasks/s (median, min-max) | peak GPU memory, MB |")
+        print("| --- | --- | --- | --- |")
     for steps in args.inner_steps:
         runs = _maml_runs(steps, batch, args.steps_per_timing, args)
         rates = interleaved_rates(runs, 32 * args.steps_per_timing, args.repeats)
@@ -99,6 +122,8 @@ def main() -> None:
         if args.profile:
             for name, run in runs.items():
                 _print_profile(f"{steps} inner steps, {name}", run)
+    if args.imaml:
+        _imaml_rows(args)
     for ways, shots in ((5, 1), (20, 5)):
         torch.manual_seed(0)
         net = ProtoNet(Conv4.omniglot(None)).cuda()

@@ -204,10 +204,64 @@ def test_memory_does_not_grow_with_inner_steps():
     assert imaml[50] < maml[5]
 
 
+def _conv4_episodes(tasks: int, shots: int) -> TaskBatch:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(5)
+    return TaskBatch(torch.rand(tasks, 5 * shots, 1, 28, 28, generator=g, dtype=F64),
+                     labels.repeat_interleave(shots).expand(tasks, -1),
+                     torch.rand(tasks, 10, 1, 28, 28, generator=g, dtype=F64), labels.repeat_interleave(2).expand(tasks, -1))
+
+
+@pytest.mark.parametrize("inner_optimizer, frozen", [("sgd", False), ("adam", False), ("sgd", True)])
+def test_tasks_at_once_equal_task_by_task_in_float64(inner_optimizer, frozen, one_thread):
+    """Inner problems and CG solves of several tasks in one batched graph (groups of 2 and 8 over 5
+    tasks: uneven groups) give the per-task meta-gradient, losses and metrics, in training and test."""
+    torch.manual_seed(0)
+    model = Conv4(1, 5, hidden=16).double()
+    if frozen:
+        model.features[4].weight.requires_grad_(False)
+    batch = _conv4_episodes(5, 1)
+    results = {}
+    for name, group in (("per task", None), ("groups of 2", 2), ("groups of 8", 8)):
+        imaml = IMAML(model, inner_lr=0.1, inner_steps=2, lam=2.0, cg_steps=3, cg_damping=1.0,
+                      inner_optimizer=inner_optimizer, task_group=group)
+        if name == "per task":
+            imaml._batched = None
+        model.zero_grad(set_to_none=True)
+        loss, metrics = imaml.meta_loss(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[name] = (loss.detach(), metrics, grads, imaml.task_metrics(batch))
+    reference = results.pop("per task")
+    for loss, metrics, grads, tested in results.values():
+        torch.testing.assert_close(loss, reference[0], rtol=1e-10, atol=1e-12)
+        for key in reference[1]:
+            torch.testing.assert_close(metrics[key], reference[1][key], rtol=1e-10, atol=1e-12)
+        for g, r in zip(grads, reference[2]):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+        for key in reference[3]:
+            torch.testing.assert_close(tested[key], reference[3][key], rtol=1e-10, atol=1e-12)
+    assert any(r.abs().max() > 1e-6 for r in reference[2])  # a meta-gradient that is not all zeros
+
+
+def test_batched_conjugate_gradient_solves_each_system_on_its_own():
+    g = torch.Generator().manual_seed(0)
+    factors = torch.randn(3, 4, 4, generator=g, dtype=F64)
+    systems = factors @ factors.transpose(1, 2) + 4 * torch.eye(4, dtype=F64)  # three SPD matrices
+    b = torch.randn(3, 4, generator=g, dtype=F64)
+    x = conjugate_gradient(lambda v: [(systems @ v[0][..., None])[..., 0]], [b], 4, batched=True)[0]
+    for t in range(3):
+        alone = conjugate_gradient(lambda v: [systems[t] @ v[0]], [b[t]], 4)[0]
+        torch.testing.assert_close(x[t], alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(systems[t] @ x[t], b[t], rtol=1e-8, atol=1e-10)
+
+
 @needs_omniglot
-def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start():
-    """A narrow Conv4 (16 filters), 80 iterations of 4 tasks with the recipes' inner problem and
-    damped system (inner SGD 0.1 x 5 steps, lambda 2, 5 CG steps, damping 22)."""
+def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start(one_thread):
+    """A narrow Conv4 (16 filters), 160 iterations of 4 tasks with the recipes' inner problem and
+    damped system (inner SGD 0.1 x 5 steps, lambda 2, 5 CG steps, damping 22). (80 iterations sat
+    within noise of the 5-point margin: 58-65% depending on float rounding, e.g. tasks at once or
+    one by one; 160 reach 70-71% either way.)"""
     from fastadapt.data.omniglot import omniglot_splits
 
     splits = omniglot_splits(DATA)
@@ -215,7 +269,7 @@ def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start(
     imaml = IMAML(Conv4(1, 5, 16, 28), inner_lr=0.1, inner_steps=5, lam=2.0, cg_steps=5, cg_damping=22.0)
     test = EpisodeSampler(splits["test"], 5, 1, 5, seed=0)
     before = evaluate_learner(imaml, test, episodes=64)["accuracy"]
-    meta_train(imaml, EpisodeSampler(splits["train"], 5, 1, 1, seed=0), iterations=80, meta_batch=4, meta_lr=5e-3)
+    meta_train(imaml, EpisodeSampler(splits["train"], 5, 1, 1, seed=0), iterations=160, meta_batch=4, meta_lr=5e-3)
     after = evaluate_learner(imaml, test, episodes=64)["accuracy"]
     print(f"\n5-way 1-shot test accuracy (64 episodes) before {before}, after {after}")
     assert after.mean > 0.55 and after.mean > before.mean + 0.05  # chance: 0.2; the same 64 episodes before and after

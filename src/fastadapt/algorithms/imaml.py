@@ -30,21 +30,35 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import Params, add_gradients, forward, loss_with_grads
+from ..functional.task_batched import per_task_losses, task_batched_forward
 from .gradient import AdaptedModel
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["IMAML", "conjugate_gradient", "proximal_adapt"]
 
 IMAMLInnerOptimizer = Literal["sgd", "adam"]
+_CPU_TASK_GROUP = 8
 Vectors = list[Tensor]
 
 
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor], batched: bool) -> Tensor:
+    """Inner product of two vectors (lists of tensors); per task `(T,)` if `batched`."""
+    if batched:
+        return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b))  # type: ignore[return-value]
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Sequence[Tensor], steps: int) -> Vectors:
+def _per(coefficient: Tensor, t: Tensor) -> Tensor:
+    """A scalar, or one per task `(T,)`, shaped to broadcast over `t`."""
+    return coefficient.reshape(*coefficient.shape, *[1] * (t.dim() - coefficient.dim()))
+
+
+def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Sequence[Tensor], steps: int,
+                       batched: bool = False) -> Vectors:
     """`steps` iterations of conjugate gradient for `A x = b` from x = 0; `A` symmetric, given by `matvec`.
+
+    `batched`: T independent systems stacked on the leading dimension of every tensor (a
+    block-diagonal `A`), each with its own step sizes, as T separate solves would take them.
 
     Vectors are lists of tensors (one per parameter). No `.item()` sync: where a search direction
     meets non-positive curvature (`p'Ap <= 0`, an indefinite `A`) or the residual is exactly zero,
@@ -59,19 +73,19 @@ def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Sequence[Tensor]
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
-    rs = _dot(r, r)
+    rs = _dot(r, r, batched)
     active = rs > 0
     for _ in range(steps):
         ap = matvec(p)
-        curvature = _dot(p, ap)
+        curvature = _dot(p, ap, batched)
         active = active & (curvature > 0)
         alpha = torch.where(active, rs / torch.where(active, curvature, 1.0), 0.0)
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * api for ri, api in zip(r, ap)]
-        rs_new = _dot(r, r)
+        x = [xi + _per(alpha, pi) * pi for xi, pi in zip(x, p)]
+        r = [ri - _per(alpha, api) * api for ri, api in zip(r, ap)]
+        rs_new = _dot(r, r, batched)
         active = active & (rs_new > 0)
         beta = torch.where(active, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-        p = [ri + beta * pi for ri, pi in zip(r, p)]
+        p = [ri + _per(beta, pi) * pi for ri, pi in zip(r, p)]
         rs = rs_new
     return x
 
@@ -104,16 +118,25 @@ def proximal_adapt(
         >>> sorted(phi)
         ['bias', 'weight']
     """
-    phi = {name: t.detach().clone().requires_grad_(True) for name, t in theta.items()}
     fixed = {name: t.detach() for name, t in (frozen or {}).items()}
+    return _proximal_descent(lambda phi: loss_fn(forward(model, {**fixed, **phi}, x), y), theta,
+                             steps=steps, lr=lr, lam=lam, optimizer=optimizer)
+
+
+def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, steps: int, lr: float, lam: float,
+                      optimizer: IMAMLInnerOptimizer) -> tuple[Params, Tensor]:
+    """The inner loop of `proximal_adapt` for any loss: `losses_at(phi)` is one loss, or one per
+    task `(T,)` for tasks stacked on the parameters' leading dimension (their sum is minimised: the
+    tasks are independent, and SGD and Adam act element-wise, so each task steps as it would alone)."""
+    phi = {name: t.detach().clone().requires_grad_(True) for name, t in theta.items()}
     leaves = list(phi.values())
     opt: torch.optim.Optimizer = (torch.optim.Adam(leaves, lr=lr) if optimizer == "adam"
                                   else torch.optim.SGD(leaves, lr=lr))
     first_loss = None
     with torch.enable_grad():
         for _ in range(steps):
-            loss = loss_fn(forward(model, {**fixed, **phi}, x), y)
-            grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+            loss = losses_at(phi)
+            grads = torch.autograd.grad(loss.sum(), leaves, materialize_grads=True)
             if first_loss is None:
                 first_loss = loss.detach()
             with torch.no_grad():
@@ -136,6 +159,9 @@ class IMAML(nn.Module):
         cg_damping: added to the Hessian of the support loss in the linear system (>= 0).
         inner_optimizer: "sgd" (the paper's iMAML-GD) or "adam".
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
+        task_group: tasks whose inner problems and conjugate-gradient solves run as one batched
+            graph (Conv4-style models, `functional.task_batched`; others go task by task). None
+            (the default): 8 on the CPU, the whole meta-batch on a GPU.
 
     `adapt` and evaluation solve the same regularised inner problem as training.
 
@@ -158,6 +184,7 @@ class IMAML(nn.Module):
         cg_damping: float = 0.0,
         inner_optimizer: IMAMLInnerOptimizer = "sgd",
         task: TaskKind = "classification",
+        task_group: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -172,6 +199,9 @@ class IMAML(nn.Module):
             raise ValueError(f"cg_damping must be >= 0, got {cg_damping!r}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if task_group is not None and (isinstance(task_group, bool) or not isinstance(task_group, int)
+                                       or task_group < 1):
+            raise ValueError(f"task_group must be an integer >= 1 or None, got {task_group!r}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -180,6 +210,8 @@ class IMAML(nn.Module):
         self.cg_damping = float(cg_damping)
         self.inner_optimizer: IMAMLInnerOptimizer = inner_optimizer
         self.task = check_kind(task)
+        self.task_group = task_group
+        self._batched = task_batched_forward(model)
 
     # -- the pieces ---------------------------------------------------------------------------
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
@@ -199,14 +231,29 @@ class IMAML(nn.Module):
                           query: tuple[Tensor, Tensor]) -> tuple[Vectors, Tensor, Tensor]:
         """The task's meta-gradient at the adapted `phi` (one tensor per entry of `phi`), the query
         output and the query loss: CG on `(I + (H + damping I)/lam) g = grad L_query(phi)`."""
+        v, out, query_loss = self._query_gradient(phi, frozen, query)
+        support_x, support_y = support
+        g = self._implicit_solve(lambda p: self._loss_fn(forward(self.model, {**frozen, **p}, support_x), support_y),
+                                 phi, v, batched=False)
+        return g, out, query_loss
+
+    def _query_gradient(self, phi: Params, frozen: Params, query: tuple[Tensor, Tensor]) -> tuple[Vectors, Tensor, Tensor]:
+        """grad L_query(phi) (one tensor per entry of `phi`), the query output and loss (detached)."""
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) for p in phi.values()]
+            out = forward(self.model, {**frozen, **dict(zip(phi, leaves))}, query[0])
+            query_loss = self._loss_fn(out, query[1])
+            v = list(torch.autograd.grad(query_loss, leaves, materialize_grads=True))
+        return v, out.detach(), query_loss.detach()
+
+    def _implicit_solve(self, support_losses_at: Callable[[Params], Tensor], phi: Params, v: Vectors,
+                        batched: bool) -> Vectors:
+        """CG on `(I + (H + damping I)/lam) g = v`, H the Hessian of the support loss at `phi` (of
+        each task's, for tasks stacked on the leading dimension when `batched`)."""
         names = list(phi)
         with torch.enable_grad():
             leaves = [phi[n].detach().requires_grad_(True) for n in names]
-            point = {**frozen, **dict(zip(names, leaves))}
-            out = forward(self.model, point, query[0])
-            query_loss = self._loss_fn(out, query[1])
-            v = list(torch.autograd.grad(query_loss, leaves, materialize_grads=True))
-            support_loss = self._loss_fn(forward(self.model, point, support[0]), support[1])
+            support_loss = support_losses_at(dict(zip(names, leaves))).sum()
             support_grad = torch.autograd.grad(support_loss, leaves, create_graph=True, materialize_grads=True)
             # entries that do not depend on phi (e.g. a conv bias BatchNorm removes) have zero Hessian rows
             linked = [i for i, s in enumerate(support_grad) if s.requires_grad]
@@ -217,8 +264,26 @@ class IMAML(nn.Module):
                                           retain_graph=True, materialize_grads=True)
                 return [ui + scale * (hi + self.cg_damping * ui) for ui, hi in zip(u, hvp)]
 
-            g = conjugate_gradient(matvec, v, self.cg_steps)
-        return [t.detach() for t in g], out.detach(), query_loss.detach()
+            g = conjugate_gradient(matvec, v, self.cg_steps, batched=batched)
+        return [t.detach() for t in g]
+
+    def _group_size(self, batch: TaskBatch) -> int:
+        if self.task_group is not None:
+            return self.task_group
+        return _CPU_TASK_GROUP if batch.support_x.device.type == "cpu" else len(batch)
+
+    def _stacked_losses(self, frozen: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
+        """Per-task losses `(T,)` of stacked parameters on stacked inputs, frozen entries shared."""
+        assert self._batched is not None
+        run, per_task = self._batched, per_task_losses(self._loss_fn)
+        fixed = {n: t.expand(x.shape[0], *t.shape) for n, t in frozen.items()}
+        return lambda phi: per_task(run({**fixed, **phi}, x), y)
+
+    def _solve_tasks(self, theta: Params, frozen: Params, part: TaskBatch, steps: int) -> tuple[Params, Tensor]:
+        """The inner problems of the tasks of `part` at once: phi stacked `(T, ...)`, support losses `(T,)`."""
+        stacked = {n: t.expand(len(part), *t.shape) for n, t in theta.items()}
+        return _proximal_descent(self._stacked_losses(frozen, part.support_x, part.support_y), stacked,
+                                 steps=steps, lr=self.inner_lr, lam=self.lam, optimizer=self.inner_optimizer)
 
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
@@ -244,23 +309,50 @@ class IMAML(nn.Module):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         differentiate = torch.is_grad_enabled() and bool(trainable)
         total, losses, rows = None, [], []
-        for t in range(len(batch)):
-            ep = batch[t]
-            phi, support_loss = self._solve(theta, frozen, ep.support_x, ep.support_y, self.inner_steps)
-            if differentiate:
-                g, out, loss = self.implicit_gradient(phi, frozen, (ep.support_x, ep.support_y),
-                                                      (ep.query_x, ep.query_y))
-                total = add_gradients(total, [gi / len(batch) for gi in g])
+        for part in (batch.split(self._group_size(batch)) if self._batched is not None else [batch]):
+            part_total, part_losses, part_rows = self._part_meta_gradient(part, theta, frozen, differentiate)
+            total = add_gradients(total, [g / len(batch) for g in part_total]) if differentiate else None
+            losses += part_losses
+            rows += part_rows
+        mean_loss = torch.stack(losses).mean()
+        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+        return (loss_with_grads(mean_loss, trainable, total) if differentiate else mean_loss), metrics
+
+    def _part_meta_gradient(self, part: TaskBatch, theta: Params, frozen: Params, differentiate: bool
+                            ) -> tuple[Vectors, list[Tensor], list[dict[str, Tensor]]]:
+        """The summed implicit meta-gradient of the tasks of `part`, their query losses and metrics:
+        inner problems and CG solves all at once where the model allows, else task by task."""
+        together = self._batched is not None
+        if together:
+            phi, support_losses = self._solve_tasks(theta, frozen, part, self.inner_steps)
+        total: Vectors | None = None
+        queries: list[Vectors] = []
+        losses, rows = [], []
+        for t in range(len(part)):
+            ep = part[t]
+            if together:
+                phi_t, support_loss = {n: p[t] for n, p in phi.items()}, support_losses[t]
             else:
-                out = forward(self.model, {**frozen, **phi}, ep.query_x).detach()
+                phi_t, support_loss = self._solve(theta, frozen, ep.support_x, ep.support_y, self.inner_steps)
+            if not differentiate:
+                out = forward(self.model, {**frozen, **phi_t}, ep.query_x).detach()
                 loss = self._loss_fn(out, ep.query_y)
+            elif together:
+                v, out, loss = self._query_gradient(phi_t, frozen, (ep.query_x, ep.query_y))
+                queries.append(v)
+            else:
+                g, out, loss = self.implicit_gradient(phi_t, frozen, (ep.support_x, ep.support_y),
+                                                      (ep.query_x, ep.query_y))
+                total = add_gradients(total, g)
             losses.append(loss)
             row = task_metrics(self.task, out, ep.query_y)
             row["support_loss"] = support_loss
             rows.append(row)
-        mean_loss = torch.stack(losses).mean()
-        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
-        return (loss_with_grads(mean_loss, trainable, total) if differentiate else mean_loss), metrics
+        if differentiate and together:
+            v = [torch.stack(parts) for parts in zip(*queries)]
+            g = self._implicit_solve(self._stacked_losses(frozen, part.support_x, part.support_y), phi, v, batched=True)
+            total = [gi.sum(0) for gi in g]
+        return total or [], losses, rows
 
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
@@ -269,10 +361,14 @@ class IMAML(nn.Module):
         theta, frozen = self._split()
         params = {**frozen, **theta}
         rows = []
-        for t in range(len(batch)):
-            ep = batch[t]
-            phi, _ = self._solve(theta, frozen, ep.support_x, ep.support_y, steps)
-            row = task_metrics(self.task, forward(self.model, {**frozen, **phi}, ep.query_x), ep.query_y)
-            row["loss_before"] = self._loss_fn(forward(self.model, params, ep.query_x), ep.query_y)
-            rows.append(row)
+        for part in (batch.split(self._group_size(batch)) if self._batched is not None else [batch]):
+            if self._batched is not None:
+                phi, _ = self._solve_tasks(theta, frozen, part, steps)
+            for t in range(len(part)):
+                ep = part[t]
+                phi_t = ({n: p[t] for n, p in phi.items()} if self._batched is not None
+                         else self._solve(theta, frozen, ep.support_x, ep.support_y, steps)[0])
+                row = task_metrics(self.task, forward(self.model, {**frozen, **phi_t}, ep.query_x), ep.query_y)
+                row["loss_before"] = self._loss_fn(forward(self.model, params, ep.query_x), ep.query_y)
+                rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

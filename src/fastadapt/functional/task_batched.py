@@ -28,7 +28,7 @@ from .optim import InnerOptimizer
 from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
-__all__ = ["task_batched_forward", "batched_meta_gradients"]
+__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses"]
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
 
@@ -183,7 +183,7 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
 
     adapted = stacked(params)
     points = [adapted]
-    per_task_loss = _per_task_loss(loss_fn)
+    per_task_loss = per_task_losses(loss_fn)
     state = optimizer.init({n: adapted[n] for n in names})
     support_losses = None
     with torch.enable_grad():
@@ -227,7 +227,7 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
                         step_sizes: Mapping[str, Tensor | float], names: list[str], first_order: bool, query_pass: QueryPass,
                         wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
-    per_task_loss = _per_task_loss(loss_fn)
+    per_task_loss = per_task_losses(loss_fn)
     real = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
     frozen = {n: p for n, p in real.items() if n not in step_sizes}
 
@@ -264,9 +264,15 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
     return totals, outputs, query_losses, support_losses
 
 
-def _per_task_loss(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    """`loss_fn` over stacked tasks, on outputs in at least float32 (under CPU autocast the vmapped
-    loss would otherwise stay in bf16, unlike the per-task path's)."""
+def per_task_losses(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    """`loss_fn` over stacked tasks: outputs `(T, N, ...)`, targets `(T, N, ...)` -> losses `(T,)`,
+    on outputs in at least float32 (under CPU autocast the vmapped loss would otherwise stay in
+    bf16, unlike the per-task path's).
+
+    Example:
+        >>> per_task_losses(torch.nn.functional.mse_loss)(torch.ones(3, 4, 1), torch.zeros(3, 4, 1))
+        tensor([1., 1., 1.])
+    """
     return vmap(lambda output, target: loss_fn(output.to(torch.promote_types(output.dtype, torch.float32)), target))
 
 
