@@ -26,7 +26,7 @@ SETTINGS = {"run defaults": (5, 8), "recipe": (16, 32)}  # (inner steps, meta-ba
 def learner(model: torch.nn.Module, inner_steps: int, group: int | None) -> IMAML:
     """iMAML at the run's inner problem; `group=0` forces task by task."""
     imaml = IMAML(model, inner_lr=0.1, inner_steps=inner_steps, lam=2.0, cg_steps=5, cg_damping=22.0,
-                  task_group=group or None)
+                  task_group=group or 8)
     if group == 0:
         imaml._batched = None
     return imaml

@@ -54,6 +54,9 @@ def test_device_tasks_moves_the_same_episodes():
     moved = placed.task_batch(3, 2)
     assert {t.device.type for t in (moved.support_x, moved.support_y, moved.query_x, moved.query_y)} == {"meta"}
     assert moved.support_x.shape == source.task_batch(3, 2).support_x.shape
+    here, direct = DeviceTasks(source, "cpu").task_batch(3, 2), source.task_batch(3, 2)
+    assert all(torch.equal(getattr(here, f), getattr(direct, f)) for f in ("support_x", "support_y", "query_x", "query_y"))
+    assert torch.equal(DeviceTasks(source, "cpu").episode(7).query_x, source.episode(7).query_x)
 
 
 def _batch(config: Config, tasks: int = 4, seed: int = 0, episodes: bool = False) -> TaskBatch:

@@ -222,9 +222,10 @@ def test_tasks_at_once_equal_task_by_task_in_float64(inner_optimizer, frozen, on
         model.features[4].weight.requires_grad_(False)
     batch = _conv4_episodes(5, 1)
     results = {}
-    for name, group in (("per task", None), ("groups of 2", 2), ("groups of 8", 8)):
+    for name, group in (("per task", 8), ("groups of 2", 2), ("groups of 8", 8)):
         imaml = IMAML(model, inner_lr=0.1, inner_steps=2, lam=2.0, cg_steps=3, cg_damping=1.0,
                       inner_optimizer=inner_optimizer, task_group=group)
+        assert imaml._batched is not None  # Conv4: tasks can be solved at once
         if name == "per task":
             imaml._batched = None
         model.zero_grad(set_to_none=True)
@@ -245,15 +246,21 @@ def test_tasks_at_once_equal_task_by_task_in_float64(inner_optimizer, frozen, on
 
 
 def test_batched_conjugate_gradient_solves_each_system_on_its_own():
+    """Three SPD systems and one indefinite one: each gets its own step sizes, and the indefinite
+    one's truncation stops it alone."""
     g = torch.Generator().manual_seed(0)
-    factors = torch.randn(3, 4, 4, generator=g, dtype=F64)
-    systems = factors @ factors.transpose(1, 2) + 4 * torch.eye(4, dtype=F64)  # three SPD matrices
-    b = torch.randn(3, 4, generator=g, dtype=F64)
+    factors = torch.randn(4, 4, 4, generator=g, dtype=F64)
+    systems = factors @ factors.transpose(1, 2) + 4 * torch.eye(4, dtype=F64)  # SPD
+    systems[3] = torch.diag(torch.tensor([2.0, -1.0, 3.0, 1.0], dtype=F64))   # indefinite
+    b = torch.randn(4, 4, generator=g, dtype=F64)
+    b[3] = torch.tensor([1.0, 3.0, 0.0, 0.0], dtype=F64)  # b'Ab = 2 - 9 < 0: stops at once
     x = conjugate_gradient(lambda v: [(systems @ v[0][..., None])[..., 0]], [b], 4, batched=True)[0]
-    for t in range(3):
+    for t in range(4):
         alone = conjugate_gradient(lambda v: [systems[t] @ v[0]], [b[t]], 4)[0]
         torch.testing.assert_close(x[t], alone, rtol=1e-12, atol=1e-12)
+    for t in range(3):
         torch.testing.assert_close(systems[t] @ x[t], b[t], rtol=1e-8, atol=1e-10)
+    assert torch.equal(x[3], torch.zeros(4, dtype=F64))
 
 
 @needs_omniglot

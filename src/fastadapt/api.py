@@ -108,7 +108,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     result = {
         "dataset": config.dataset, "ways": ways, "shots": shots,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
-        "episodes": episodes, "metric": metric if metric == "accuracy" else "mse",
+        "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95, "checkpoint": source.name,
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
     }

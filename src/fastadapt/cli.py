@@ -12,8 +12,8 @@ cores, reporting the query MSE before and after adaptation.
 from __future__ import annotations
 
 import argparse
-import re
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
-from .training.config import ALGORITHMS, DATASETS, Config, ConfigError, parse_overrides
+from .training.config import ALGORITHMS, DATASETS, DEVICE_PATTERN, Config, ConfigError, parse_overrides
 
 __all__ = ["main", "build_parser"]
 
@@ -87,8 +87,8 @@ def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callab
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_device = _checked(str, lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None, "cpu, cuda or cuda:N")
-_DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N (default cpu)"
+_device = _checked(str, lambda v: re.fullmatch(DEVICE_PATTERN, v) is not None, "cpu, cuda or cuda:N")
+_DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     run.add_argument("--precision", choices=("fp32", "bf16"),
                      help="bf16: bf16 autocast, float32 weights and meta-gradients (default fp32)")
-    run.add_argument("--device", type=_device, help=_DEVICE_HELP)
+    run.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default cpu)")
     run.add_argument("--head", choices=("linear", "cosine"), help="baseline: linear (Baseline) or cosine (Baseline++)")
     run.add_argument("--imaml-lambda", type=_positive_float, help="imaml: strength of the proximal term")
     run.add_argument("--cg-steps", type=_positive_int, help="imaml: conjugate-gradient iterations")
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one recipe key, e.g. --set shots=5 (repeatable)")
     recipe.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
     recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    recipe.add_argument("--device", type=_device, help=_DEVICE_HELP + "; with --resume, where the run continues")
+    recipe.add_argument("--device", type=_device,
+                        help=_DEVICE_HELP + " (default: the recipe's); with --resume, where the run continues")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import add_gradients, forward, loss_with_grads
+from ..functional import add_gradients, forward, loss_with_grads, mixed_precision
 from ..functional.fold import can_fold, fold_call
 
 __all__ = ["ProtoNet", "prototypes", "proto_logits"]
@@ -73,7 +73,7 @@ class ProtoNet(nn.Module):
         self.precision = precision
 
     def _embed(self, x: Tensor) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with mixed_precision(torch.bfloat16 if self.precision == "bf16" else None):
             z = forward(self.encoder, dict(self.encoder.named_parameters()), x).flatten(1)
         return z.float() if z.dtype == torch.bfloat16 else z
 

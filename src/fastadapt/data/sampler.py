@@ -179,9 +179,11 @@ class DeviceTasks:
         self.seed = source.seed
 
     def episode(self, index: int) -> Episode:
+        """Episode `index` of the source, on the device."""
         return self.source.episode(index).to(self.device)
 
     def task_batch(self, start: int, size: int) -> TaskBatch:
+        """Episodes `start .. start+size-1` of the source, stacked, on the device."""
         return self.source.task_batch(start, size).to(self.device)
 
 

@@ -140,7 +140,7 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
         rest.append(("head.", model.head))
 
     def run(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if x.device.type != "cpu":  # on a GPU cuDNN's layers ran 2.5x faster (benchmarks/gpu_throughput.py)
+        if x.device.type != "cpu":  # on a GPU cuDNN's layers ran 1.5-2.5x faster (benchmarks/gpu_throughput.py)
             return functional_call(model, params, (x,), strict=False)
         first = [params[n] if n in params else model.get_parameter(n)
                  for n in ("features.0.weight", "features.1.weight", "features.1.bias")]

@@ -18,7 +18,7 @@ import yaml
 
 from ..algorithms.mamlpp import MSL_ITERATIONS
 
-__all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHMS", "DATASETS"]
+__all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHMS", "DATASETS", "DEVICE_PATTERN"]
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
               "matchingnet")
@@ -34,6 +34,7 @@ _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
 _INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *_MAML_FAMILY)
 SIMILARITIES = ("cosine", "scaled-cosine")
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # where a run lives: cpu, cuda or cuda:N
 
 
 class ConfigError(ValueError):
@@ -350,7 +351,7 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
 
 def _check_device(value: str) -> None:
     """cpu, cuda or cuda:N; whether that device exists is checked where the run starts."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+    if not re.fullmatch(DEVICE_PATTERN, value):
         raise ConfigError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {value!r}")
 
 

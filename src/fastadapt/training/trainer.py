@@ -1,9 +1,10 @@
 """The trainer: meta-training with an outer optimizer and schedule, validation, best and periodic
-checkpoints with exact resume, a metrics history (CSV), and the final test evaluation.
+checkpoints with exact resume (bitwise on the CPU; on a GPU as close as cuDNN's kernel choices
+allow), a metrics history (CSV), and the final test evaluation.
 
 A run directory holds everything about a run:
 
-    config.json        the resolved config            environment.json  versions, git commit, command
+    config.json        the resolved config            environment.json  versions, git commit, command, device
     metrics.csv        train / validation rows        results.json      the test result (when finished)
     checkpoints/       step-*.safetensors + .json (the newest two) and best.safetensors + best.json
     tensorboard/       event files, with `tensorboard: true` (needs the `tensorboard` package)
@@ -242,7 +243,8 @@ class Trainer:
         write_json(self.run_dir / "environment.json", {
             "fastadapt": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "threads": torch.get_num_threads(), "git_commit": _git_commit(),
-            "command": sys.argv, "seed": self.config.seed,
+            "command": sys.argv, "seed": self.config.seed, "device": self.config.device,
+            "gpu": torch.cuda.get_device_name(self.config.device) if self.config.device.startswith("cuda") else None,
         })
         self._write_metrics([])
 
