@@ -8,7 +8,7 @@ by layer (`unfused()`), in fp32 and bf16 autocast; interleaved within every repe
 timing `--steps-per-timing` meta-steps ended by a device sync. Peak GPU memory per contender from
 torch.cuda.max_memory_allocated. ProtoNet: episodes/s at 5w1s and 20w5s, one episode per step.
 iMAML (`--imaml`): its run defaults (5 inner steps, meta-batch 8) and recipe (16 steps, meta-batch
-32), 5 CG steps, task by task against the learner's default (groups of 8 solved at once).
+32), 5 CG steps, task by task (the default) against the whole meta-batch solved at once.
 
     python benchmarks/gpu_throughput.py --inner-steps 1 5 --repeats 3
     python benchmarks/gpu_throughput.py --groups 32 --paths layers --precisions fp32 --profile
@@ -79,12 +79,10 @@ def _imaml_rows(args: argparse.Namespace) -> None:
     for setting, steps, tasks in (("run defaults", 5, 8), ("recipe", 16, 32)):
         batch = random_batch(tasks, 5, 1, 1).to("cuda")
         runs = {}
-        for name in ("task by task", "groups of 8 (default)"):
+        for name, group in (("task by task", None), (f"all {tasks} at once", tasks)):
             torch.manual_seed(0)
             learner = IMAML(Conv4.omniglot(5), inner_lr=0.1, inner_steps=steps, lam=2.0, cg_steps=5,
-                            cg_damping=22.0).cuda()
-            if name == "task by task":
-                learner._batched = None
+                            cg_damping=22.0, task_group=group).cuda()
             runs[name] = _timed(learner, batch, args.steps_per_timing, contextlib.nullcontext)
         rates = interleaved_rates(runs, tasks * args.steps_per_timing, args.repeats)
         for name, r in rates.items():

@@ -158,10 +158,11 @@ class IMAML(nn.Module):
         cg_damping: added to the Hessian of the support loss in the linear system (>= 0).
         inner_optimizer: "sgd" (the paper's iMAML-GD) or "adam".
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
-        task_group: tasks whose inner problems and conjugate-gradient solves run as one batched
-            graph (Conv4-style models, `functional.task_batched`; others go task by task); their
-            support graphs are alive together. 8 (the default) measured 1.37x task by task on the
-            CPU (benchmarks/imaml_paths_cpu.py), slightly ahead of 32.
+        task_group: opt-in: tasks whose inner problems and conjugate-gradient solves run as one
+            batched graph (Conv4-style models, `functional.task_batched`; others go task by task);
+            their support graphs are alive together. 8 measured 1.37x task by task on the CPU
+            (benchmarks/imaml_paths_cpu.py). None (the default): task by task, until a training
+            comparison settles why two short float32 runs ended lower (docs/methods/imaml.md).
 
     `adapt` and evaluation solve the same regularised inner problem as training.
 
@@ -184,7 +185,7 @@ class IMAML(nn.Module):
         cg_damping: float = 0.0,
         inner_optimizer: IMAMLInnerOptimizer = "sgd",
         task: TaskKind = "classification",
-        task_group: int = 8,
+        task_group: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -199,8 +200,9 @@ class IMAML(nn.Module):
             raise ValueError(f"cg_damping must be >= 0, got {cg_damping!r}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-        if isinstance(task_group, bool) or not isinstance(task_group, int) or task_group < 1:
-            raise ValueError(f"task_group must be an integer >= 1, got {task_group!r}")
+        if task_group is not None and (isinstance(task_group, bool) or not isinstance(task_group, int)
+                                       or task_group < 1):
+            raise ValueError(f"task_group must be an integer >= 1 or None (task by task), got {task_group!r}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -210,7 +212,7 @@ class IMAML(nn.Module):
         self.inner_optimizer: IMAMLInnerOptimizer = inner_optimizer
         self.task = check_kind(task)
         self.task_group = task_group
-        self._batched = task_batched_forward(model)
+        self._batched = task_batched_forward(model) if task_group is not None else None
 
     # -- the pieces ---------------------------------------------------------------------------
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
@@ -268,7 +270,7 @@ class IMAML(nn.Module):
 
     def _parts(self, batch: TaskBatch) -> list[TaskBatch]:
         """The batch in task groups where tasks can be solved at once, else whole (task by task)."""
-        return batch.split(self.task_group) if self._batched is not None else [batch]
+        return batch.split(self.task_group) if self._batched is not None and self.task_group else [batch]
 
     def _stacked_losses(self, frozen: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
         """Per-task losses `(T,)` of stacked parameters on stacked inputs, frozen entries shared."""
