@@ -158,11 +158,12 @@ class IMAML(nn.Module):
         cg_damping: added to the Hessian of the support loss in the linear system (>= 0).
         inner_optimizer: "sgd" (the paper's iMAML-GD) or "adam".
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
-        task_group: opt-in: tasks whose inner problems and conjugate-gradient solves run as one
-            batched graph (Conv4-style models, `functional.task_batched`; others go task by task);
-            their support graphs are alive together. 8 measured 1.37x task by task on the CPU
-            (benchmarks/imaml_paths_cpu.py). None (the default): task by task, until a training
-            comparison settles why two short float32 runs ended lower (docs/methods/imaml.md).
+        task_group: experimental, opt-in: tasks whose inner problems and conjugate-gradient
+            solves run as one batched graph (Conv4-style models, `functional.task_batched`; others
+            go task by task); their support graphs are alive together. 8 measured 1.37x task by
+            task on the CPU (benchmarks/imaml_paths_cpu.py), but short float32 training runs with
+            it ended lower on three seeds for a cause not yet found (docs/methods/imaml.md).
+            None (the default): task by task.
 
     `adapt` and evaluation solve the same regularised inner problem as training.
 
