@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import Params, add_gradients, forward, loss_with_grads
-from ..functional.task_batched import per_task_losses, task_batched_forward
+from ..functional.task_batched import per_task_losses, stacked_params, task_batched_forward
 from .gradient import AdaptedModel
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
@@ -271,19 +271,19 @@ class IMAML(nn.Module):
 
     def _parts(self, batch: TaskBatch) -> list[TaskBatch]:
         """The batch in task groups where tasks can be solved at once, else whole (task by task)."""
-        return batch.split(self.task_group) if self._batched is not None and self.task_group else [batch]
+        return batch.split(self.task_group or len(batch)) if self._batched is not None else [batch]
 
     def _stacked_losses(self, frozen: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
         """Per-task losses `(T,)` of stacked parameters on stacked inputs, frozen entries shared."""
         assert self._batched is not None
         run, per_task = self._batched, per_task_losses(self._loss_fn)
-        fixed = {n: t.expand(x.shape[0], *t.shape) for n, t in frozen.items()}
+        fixed = stacked_params(frozen, x.shape[0])
         return lambda phi: per_task(run({**fixed, **phi}, x), y)
 
     def _solve_tasks(self, theta: Params, frozen: Params, part: TaskBatch, steps: int) -> tuple[Params, Tensor]:
         """The inner problems of the tasks of `part` at once: phi stacked `(T, ...)`, support losses `(T,)`."""
-        stacked = {n: t.expand(len(part), *t.shape) for n, t in theta.items()}
-        return _proximal_descent(self._stacked_losses(frozen, part.support_x, part.support_y), stacked,
+        return _proximal_descent(self._stacked_losses(frozen, part.support_x, part.support_y),
+                                 stacked_params(theta, len(part)),
                                  steps=steps, lr=self.inner_lr, lam=self.lam, optimizer=self.inner_optimizer)
 
     # -- the API ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "fused_forward", "unfused", "is_fusable"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -129,6 +129,17 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
     return _CACHE[model]
 
 
+def reorders_on(x: Tensor) -> bool:
+    """Whether the reordered block pays for input `x`: on the CPU only (on a GPU cuDNN's layers ran
+    1.5-2.5x faster, benchmarks/gpu_throughput.py).
+
+    Example:
+        >>> reorders_on(torch.zeros(1))
+        True
+    """
+    return x.device.type == "cpu"
+
+
 def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
     from ..nn import Conv4
 
@@ -140,7 +151,7 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
         rest.append(("head.", model.head))
 
     def run(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if x.device.type != "cpu":  # on a GPU cuDNN's layers ran 1.5-2.5x faster (benchmarks/gpu_throughput.py)
+        if not reorders_on(x):
             return functional_call(model, params, (x,), strict=False)
         first = [params[n] if n in params else model.get_parameter(n)
                  for n in ("features.0.weight", "features.1.weight", "features.1.bias")]

@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from .fused_block import fused_forward, tasks_conv_bn_relu_pool
+from .fused_block import fused_forward, reorders_on, tasks_conv_bn_relu_pool
 from .inner_loop import LossFn, Params, resolve_inner
 from .optim import InnerOptimizer
 from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
-__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses"]
+__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses", "stacked_params"]
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
 
@@ -62,7 +62,7 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
 
     def run(params: Params, x: Tensor) -> Tensor:
         tasks, n = x.shape[:2]
-        reordered = reorder and x.device.type == "cpu"  # (on a GPU cuDNN's layers are faster)
+        reordered = reorder and reorders_on(x)
         if reordered:
             h = tasks_conv_bn_relu_pool(x, params["features.0.weight"], params["features.1.weight"],
                                         params["features.1.bias"], eps)              # (T, N, C, H, W)
@@ -88,6 +88,16 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         return h
 
     return run
+
+
+def stacked_params(params: Params, tasks: int) -> Params:
+    """Every tensor repeated for `tasks` tasks on a new leading dimension (views, no copies).
+
+    Example:
+        >>> stacked_params({"w": torch.zeros(3)}, 2)["w"].shape
+        torch.Size([2, 3])
+    """
+    return {name: p.expand(tasks, *p.shape) for name, p in params.items()}
 
 
 def _supported(m: nn.Module) -> bool:
@@ -175,13 +185,10 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
                           step_params: Callable[[int], Params] | None, weights: list[float]):
     tasks = len(batch)
 
-    def stacked(values: Params) -> Params:
-        return {name: p.expand(tasks, *p.shape) for name, p in values.items()}
-
     def at_step(point: Params, step: int) -> Params:
-        return point if step_params is None else {**point, **stacked(step_params(step))}
+        return point if step_params is None else {**point, **stacked_params(step_params(step), tasks)}
 
-    adapted = stacked(params)
+    adapted = stacked_params(params, tasks)
     points = [adapted]
     per_task_loss = per_task_losses(loss_fn)
     state = optimizer.init({n: adapted[n] for n in names})
@@ -228,7 +235,7 @@ def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, l
                         wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
     tasks = len(batch)
     per_task_loss = per_task_losses(loss_fn)
-    real = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
+    real = stacked_params(params, tasks)
     frozen = {n: p for n, p in real.items() if n not in step_sizes}
 
     def inner_step(point: Params, create_graph: bool) -> tuple[Params, Tensor]:
