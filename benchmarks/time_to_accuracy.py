@@ -7,7 +7,8 @@ evaluation.
 
 `--algorithm maml`:
 - fastadapt: `fastadapt run`'s MAML defaults (Conv4 with max-pool, inner lr 0.4, 1 step in
-  training and 3 at test, Adam 3e-3, meta-batch 32, 1 query per class), fp32 or `--precision bf16`.
+  training and 3 at test, Adam 3e-3, meta-batch 32, 1 query per class), fp32 or `--precision bf16`;
+  `--backbone conv4-strided`: the same with stride-2 convolutions instead of max-pooling.
 - learn2learn: examples/vision/maml_omniglot.py as published (OmniglotCNN with strided
   convolutions, `l2l.algorithms.MAML(lr=0.5)`, Adam 3e-3, meta-batch 32, 1 adaptation step,
   1 query per class, clone/adapt/backward per task). Runs in the peer venv.
@@ -68,8 +69,9 @@ class Recipe:
     halve_every: int | None = None
 
 
-def fastadapt_maml(precision: str) -> Recipe:
-    learner = MAML(Conv4.omniglot(5), inner_lr=0.4, inner_steps=1, precision=precision)
+def fastadapt_maml(args: argparse.Namespace) -> Recipe:
+    pooling = "stride" if args.backbone == "conv4-strided" else "max"
+    learner = MAML(Conv4.omniglot(5, pooling=pooling), inner_lr=0.4, inner_steps=1, precision=args.precision)
 
     def step(batch: TaskBatch) -> None:
         learner.meta_loss(batch)[0].backward()
@@ -102,8 +104,8 @@ def learn2learn_maml() -> Recipe:
     return Recipe(maml, step, accuracy, lr=3e-3, ways=5, queries=1, tasks=32)
 
 
-def fastadapt_protonet(precision: str) -> Recipe:
-    net = ProtoNet(Conv4.omniglot(ways=None), precision=precision)
+def fastadapt_protonet(args: argparse.Namespace) -> Recipe:
+    net = ProtoNet(Conv4.omniglot(ways=None), precision=args.precision)
 
     def step(batch: TaskBatch) -> None:
         net.meta_loss(batch)[0].backward()
@@ -141,11 +143,11 @@ def learn2learn_protonet() -> Recipe:
     return Recipe(encoder, step, accuracy, lr=1e-3, ways=30, queries=15, tasks=1, halve_every=2000)
 
 
-RECIPES: dict[tuple[str, str], Callable[[str], Recipe]] = {
+RECIPES: dict[tuple[str, str], Callable[[argparse.Namespace], Recipe]] = {
     ("maml", "fastadapt"): fastadapt_maml,
-    ("maml", "learn2learn"): lambda precision: learn2learn_maml(),
+    ("maml", "learn2learn"): lambda args: learn2learn_maml(),
     ("protonet", "fastadapt"): fastadapt_protonet,
-    ("protonet", "learn2learn"): lambda precision: learn2learn_protonet(),
+    ("protonet", "learn2learn"): lambda args: learn2learn_protonet(),
 }
 
 
@@ -154,6 +156,9 @@ def main() -> None:
     parser.add_argument("--algorithm", choices=("maml", "protonet"), default="maml")
     parser.add_argument("--contender", choices=("fastadapt", "learn2learn"), required=True)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fastadapt only")
+    parser.add_argument("--backbone", choices=("conv4", "conv4-strided"), default="conv4",
+                        help="fastadapt MAML only: max-pooling Conv4, or stride-2 convolutions (learn2learn's "
+                        "OmniglotCNN strides too, and averages the last 2 x 2 maps where ours flattens them)")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="training time before giving up")
@@ -172,7 +177,9 @@ def main() -> None:
     keep_freed_memory()
     torch.manual_seed(args.seed)
     splits = omniglot_splits(args.data_root)
-    recipe = RECIPES[args.algorithm, args.contender](args.precision)
+    if args.backbone != "conv4" and (args.algorithm, args.contender) != ("maml", "fastadapt"):
+        parser.error(f"--backbone {args.backbone} applies to --algorithm maml --contender fastadapt")
+    recipe = RECIPES[args.algorithm, args.contender](args)
     train = EpisodeSampler(splits["train"], recipe.ways, 1, recipe.queries, seed=args.seed)
     test = EpisodeSampler(splits["test"], 5, 1, 15, seed=1)
     test_batches = [test.task_batch(i, 50) for i in range(0, args.eval_episodes, 50)]
@@ -180,6 +187,7 @@ def main() -> None:
     schedule = (torch.optim.lr_scheduler.StepLR(optimizer, recipe.halve_every, gamma=0.5)
                 if recipe.halve_every else None)
     label = f"{args.algorithm} " + args.contender + (f" {args.precision}" if args.contender == "fastadapt" else "")
+    label += " conv4-strided" if args.backbone == "conv4-strided" else ""
     print(f"{label}: Omniglot 5w1s, target {args.target:.2%}, budget {args.budget_minutes} min, "
           f"{args.threads} threads, {args.clock} clock, test on {args.eval_episodes} fixed episodes (15 queries per class)", flush=True)
     clock = time.perf_counter if args.clock == "wall" else time.process_time

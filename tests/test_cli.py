@@ -36,6 +36,7 @@ def test_run_on_sinusoid_writes_results_json(tmp_path, capsys):
         (["--eval-episodes", "1"], "eval_episodes must be >= 2, got 1"),
         (["--algo", "protonet"], "algorithm 'protonet' needs a classification dataset"),
         (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+        (["--backbone", "conv4-strided"], "backbone 'conv4-strided' does not fit dataset 'sinusoid'; use backbone: mlp"),
     ],
 )
 def test_bad_flags_give_one_clear_line(args, message, tmp_path):

@@ -55,6 +55,7 @@ def test_reordered_block_keeps_float32_under_bf16_autocast():
 def test_fusion_is_used_only_where_recognised_and_can_be_switched_off():
     model = Conv4.omniglot(ways=5)
     assert fused_forward(model) is not None
+    assert fused_forward(Conv4.omniglot(ways=5, pooling="stride")) is None  # no max-pool to reorder
     assert fused_forward(Conv4(in_channels=8, ways=5, hidden=8, image_size=16)) is None  # 8*9 > 32 patch entries
     assert fused_forward(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
     with unfused():
@@ -62,9 +63,10 @@ def test_fusion_is_used_only_where_recognised_and_can_be_switched_off():
     assert fused_forward(model) is not None
 
 
-def test_task_batched_forward_equals_one_call_per_task():
+@pytest.mark.parametrize("pooling", ["max", "stride"])
+def test_task_batched_forward_equals_one_call_per_task(pooling):
     torch.manual_seed(0)
-    models = [Conv4(in_channels=1, ways=3, hidden=6, image_size=16) for _ in range(3)]
+    models = [Conv4(in_channels=1, ways=3, hidden=6, image_size=16, pooling=pooling) for _ in range(3)]
     stacked = {n: torch.stack([dict(m.named_parameters())[n] for m in models]) for n, _ in models[0].named_parameters()}
     x = torch.rand(3, 4, 1, 16, 16)
     out = task_batched_forward(models[0])(stacked, x)
@@ -130,3 +132,13 @@ def test_checkpointed_inner_loop_of_a_model_without_the_batched_path_is_exact():
         torch.set_default_dtype(torch.float32)
     assert (rebuilt - graph).norm() <= 1e-12 * graph.norm()
     assert (kept - graph).norm() <= 1e-12 * graph.norm()
+
+
+def test_strided_conv4_is_the_reptile_papers_network():
+    model = Conv4.omniglot(ways=5, pooling="stride")
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.features)
+    assert model.features(torch.zeros(2, 1, 28, 28)).shape == (2, 256)  # 28 -> 14 -> 7 -> 4 -> 2, 64 maps
+    with pytest.raises(ValueError, match="pooling must be 'max' or 'stride', got 'avg'"):
+        Conv4.omniglot(pooling="avg")  # type: ignore[arg-type]

@@ -30,9 +30,9 @@ def _image_batch(tasks=3, ways=3, shots=2, queries=4, size=16, seed=0) -> TaskBa
     )
 
 
-def _conv4(seed=0) -> Conv4:
+def _conv4(seed=0, pooling="max") -> Conv4:
     torch.manual_seed(seed)
-    model = Conv4(in_channels=1, ways=3, hidden=6, image_size=16).double()
+    model = Conv4(in_channels=1, ways=3, hidden=6, image_size=16, pooling=pooling).double()
     with torch.no_grad():  # BN weights away from 1 so per-parameter second-order terms are exercised
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -100,6 +100,13 @@ def test_conv4_batchnorm_meta_gradient_matches_reference(name, execution):
         with torch.no_grad():
             for r in learner.inner_lrs:
                 r.mul_(torch.empty_like(r).uniform_(0.5, 1.5))
+    assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch))
+
+
+@pytest.mark.parametrize("execution", ["loop", "graph"])
+def test_strided_conv4_meta_gradient_matches_reference(execution):
+    learner = LEARNERS["maml-5"](_conv4(pooling="stride"), execution)
+    batch = _image_batch()
     assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch))
 
 

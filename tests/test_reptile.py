@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fastadapt
 from fastadapt import Reptile, SinusoidTasks, TaskBatch
 from fastadapt.algorithms.reptile import minibatch_order
+from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import MLP, Conv4
 from fastadapt.training import evaluate_learner
 from fastadapt.training.checkpoint import load_checkpoint, step_name
@@ -58,9 +59,14 @@ def test_batched_update_is_the_mean_of_serial_per_task_updates_in_float64(optimi
     batched = _direction(reptile, batch)
     torch.manual_seed(123)
     serial = [_direction(reptile, one) for one in batch.split(1)]
-    for b, *per_task in zip(batched, *serial):
+    assert task_batched_forward(reptile.model) is not None  # the batch ran as one grouped graph
+    for (name, _), b, *per_task in zip(reptile.named_parameters(), batched, *serial):
         mean = torch.stack(per_task).mean(0)
-        assert torch.allclose(b, mean, rtol=1e-12, atol=1e-15)
+        # A conv bias before BatchNorm has a zero gradient up to rounding, which Adam's
+        # normalisation blows up to ~1e-9 differently on the two paths: nothing is learned there.
+        module, kind = name.rsplit(".", 1)
+        conv_bias = kind == "bias" and isinstance(reptile.get_submodule(module), torch.nn.Conv2d)  # Conv4: BN follows
+        assert torch.allclose(b, mean, rtol=1e-12, atol=1e-8 if conv_bias else 1e-15), name
     assert max(float(b.abs().max()) for b in batched) > 1e-4  # the inner loop moved the weights
 
 
@@ -115,8 +121,8 @@ def test_evaluation_is_a_pure_function_of_the_episode_and_leaves_the_model_untou
     batch = _batch(3)
     together = reptile.task_metrics(batch)
     alone = [reptile.task_metrics(one) for one in batch.split(1)]
-    for name in ("loss", "accuracy", "loss_before"):
-        assert torch.equal(together[name], torch.cat([a[name] for a in alone]))
+    for name in ("loss", "accuracy", "loss_before"):  # one grouped graph or one task at a time: rounding apart
+        assert torch.allclose(together[name], torch.cat([a[name] for a in alone]), rtol=1e-10, atol=0)
     assert not torch.equal(together["loss"], together["loss_before"])  # fine-tuning changed the predictions
     predicted = reptile.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0])
     assert torch.allclose(F.cross_entropy(predicted, batch.query_y[0]), together["loss"][0])

@@ -23,7 +23,7 @@ from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
-from .training.config import ALGORITHMS, DATASETS, DEVICE_PATTERN, Config, ConfigError, parse_overrides
+from .training.config import ALGORITHMS, BACKBONES, DATASETS, DEVICE_PATTERN, Config, ConfigError, parse_overrides
 
 __all__ = ["main", "build_parser"]
 
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "settings behind docs/results.md.")
     run.add_argument("--algo", choices=ALGORITHMS, default="maml")
     run.add_argument("--dataset", choices=DATASETS, default="sinusoid")
+    run.add_argument("--backbone", choices=BACKBONES, help="mlp (sinusoid), conv4 (omniglot, max-pooling) or "
+                     "conv4-strided (stride-2 convolutions instead of pooling, the Reptile paper's network)")
     run.add_argument("--ways", type=_positive_int, help="classes per test episode (omniglot)")
     run.add_argument("--train-ways", type=_positive_int, help="classes per training episode or pre-training batch (protonet, matchingnet, baseline; default: --ways)")
     run.add_argument("--shots", type=_positive_int, help="support examples per class")

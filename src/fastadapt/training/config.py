@@ -23,7 +23,7 @@ __all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHM
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
               "matchingnet")
 DATASETS = ("omniglot", "sinusoid")
-BACKBONES = ("conv4", "mlp")
+BACKBONES = ("conv4", "conv4-strided", "mlp")  # conv4-strided: Conv4(pooling="stride")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -174,7 +174,7 @@ class Config:
         return {
             "per_step_inner_lr": resolved(self.per_step_inner_lr, plus),
             "multi_step_loss_iterations": resolved(self.multi_step_loss_iterations, MSL_ITERATIONS if plus else 0),
-            "per_step_bn_weights": resolved(self.per_step_bn_weights, plus and self.backbone == "conv4"),
+            "per_step_bn_weights": resolved(self.per_step_bn_weights, plus and self.backbone != "mlp"),
             "per_step_bn_statistics": self.per_step_bn_statistics,
             "first_order_iterations": self.first_order_iterations,
         }
@@ -223,9 +223,10 @@ class Config:
         self._check_reptile_matching()
         if not 0 < self.schedule_gamma <= 1:
             raise ConfigError(f"schedule_gamma must be in (0, 1], got {self.schedule_gamma!r}")
-        expected = "mlp" if self.dataset == "sinusoid" else "conv4"
-        if self.backbone != expected:
-            raise ConfigError(f"backbone {self.backbone!r} does not fit dataset {self.dataset!r}; use backbone: {expected}")
+        expected = ("mlp",) if self.dataset == "sinusoid" else ("conv4", "conv4-strided")
+        if self.backbone not in expected:
+            raise ConfigError(f"backbone {self.backbone!r} does not fit dataset {self.dataset!r}; use backbone: "
+                              f"{' or '.join(expected)}")
         if self.dataset == "sinusoid" and self.algorithm in ("protonet", "baseline", "matchingnet"):
             raise ConfigError(f"algorithm {self.algorithm!r} needs a classification dataset; 'sinusoid' is regression "
                               "(use dataset: omniglot, --dataset omniglot)")
@@ -295,7 +296,7 @@ class Config:
             raise ConfigError("first_order_iterations anneals from first to second order; fomaml is first order "
                               "throughout (set it to 0, or use maml / maml++)")
         per_step_norm = [k for k in ("per_step_bn_weights", "per_step_bn_statistics") if options[k]]
-        if per_step_norm and self.backbone != "conv4":
+        if per_step_norm and self.backbone == "mlp":
             raise ConfigError(f"{', '.join(per_step_norm)} need BatchNorm layers; backbone {self.backbone!r} has "
                               "none (set them to false)")
         per_step = [k for k in ("per_step_inner_lr", *per_step_norm) if options[k]]

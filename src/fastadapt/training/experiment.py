@@ -80,10 +80,11 @@ def _new_learner(config: Config) -> nn.Module:
     torch.manual_seed(config.seed)
     if config.backbone == "mlp":
         model: nn.Module = MLP(1, [40, 40], 1)
-    elif config.algorithm == "baseline":  # ordinary BatchNorm: eval-mode embeddings, as Chen et al.
-        model = Conv4.omniglot(ways=None, track_running_stats=True)
     else:
-        model = Conv4.omniglot(ways=None if config.algorithm in ("protonet", "matchingnet") else config.ways)
+        pooling = "stride" if config.backbone == "conv4-strided" else "max"
+        # Baseline: ordinary BatchNorm (eval-mode embeddings), as Chen et al.
+        model = Conv4.omniglot(ways=None if config.algorithm in ("protonet", "matchingnet", "baseline") else config.ways,
+                               track_running_stats=config.algorithm == "baseline", pooling=pooling)
     if config.algorithm == "protonet":
         return ProtoNet(model, precision=config.precision)
     if config.algorithm == "matchingnet":
