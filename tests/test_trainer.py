@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastadapt
-from fastadapt.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+from fastadapt.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, step_name,
                                           load_module_tensors, save_checkpoint)
 from fastadapt.training.config import Config, ConfigError, load_recipe
 
@@ -63,6 +63,18 @@ def test_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path):
         a, _ = load_checkpoint(whole / "checkpoints" / name)
         b, _ = load_checkpoint(killed / "checkpoints" / name)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if k.startswith(("learner.", "optimizer.")))
+
+
+def test_a_run_resumes_with_another_thread_count(tmp_path):
+    run = tmp_path / "run"
+    whole = fastadapt.train({**SMALL, "threads": 1}, run, progress=False)
+    for f in (run / "checkpoints").iterdir():  # as if killed just after the step-40 checkpoint
+        if not f.name.startswith(step_name(40)):
+            f.unlink()
+    (run / "results.json").unlink()
+    resumed = fastadapt.train(out=run, resume=True, threads=2, progress=False)
+    assert resumed["mean"] == pytest.approx(whole["mean"], rel=1e-4)  # threads may round differently
+    assert resumed["steps"] == whole["steps"] == 60
 
 
 def test_same_seed_same_results_and_other_seed_differs(tmp_path):

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     recipe.add_argument("--device", type=_device,
                         help=_DEVICE_HELP + " (default: the recipe's); with --resume, where the run continues")
+    recipe.add_argument("--threads", type=_positive_int,
+                        help="torch intra-op threads (default: the recipe's); with --resume, for the rest of the run")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)
@@ -189,14 +191,15 @@ def _summary(results: dict[str, Any], run_dir: Path) -> None:
           f"{results['episodes']} episodes)  wall time {results['wall_time_s']:.1f} s  -> {run_dir / 'results.json'}")
 
 
-def _train(config: Config | None, run_dir: Path, resume: bool, device: str | None = None) -> None:
+def _train(config: Config | None, run_dir: Path, resume: bool, device: str | None = None,
+           threads: int | None = None) -> None:
     shown = run_config(run_dir) if resume else config
     assert shown is not None
     print(f"fastadapt {__version__}: {shown.algorithm} on {shown.dataset} "
           + (f"({shown.ways}-way {shown.shots}-shot)" if shown.task == "classification" else f"({shown.shots} shots)")
           + f"  -> {run_dir}", flush=True)
     interactive = sys.stderr.isatty()
-    results = train(config, run_dir, resume=resume, device=device, progress=interactive,
+    results = train(config, run_dir, resume=resume, device=device, threads=threads, progress=interactive,
                     on_row=None if interactive else _printer(shown))
     _summary(results, run_dir)
 
@@ -209,12 +212,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.resume is not None:
             if args.recipe is not None or args.overrides:
                 raise ConfigError("--resume continues a run with its own config: give no recipe or --set")
-            _train(None, args.resume, resume=True, device=args.device)
+            _train(None, args.resume, resume=True, device=args.device, threads=args.threads)
             return
         if args.recipe is None:
             raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
         config = resolve_config(args.recipe, parse_overrides(args.overrides))
-        _train(config, args.out or default_run_dir(config), resume=False, device=args.device)
+        _train(config, args.out or default_run_dir(config), resume=False, device=args.device, threads=args.threads)
     elif args.command == "eval":
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,

@@ -74,8 +74,9 @@ def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
 
 
 def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The config keys a result depends on: all but where it runs (a run resumes on another device)."""
-    return {k: v for k, v in config.items() if k != "device"}
+    """The config keys a result depends on: all but where and on how many threads it runs (a run
+    resumes on another device, or with another thread count)."""
+    return {k: v for k, v in config.items() if k not in ("device", "threads")}
 
 
 def _git_commit() -> str | None:
