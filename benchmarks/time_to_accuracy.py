@@ -8,7 +8,8 @@ evaluation.
 `--algorithm maml`:
 - fastadapt: `fastadapt run`'s MAML defaults (Conv4 with max-pool, inner lr 0.4, 1 step in
   training and 3 at test, Adam 3e-3, meta-batch 32, 1 query per class), fp32 or `--precision bf16`;
-  `--backbone conv4-strided`: the same with stride-2 convolutions instead of max-pooling.
+  `--backbone conv4-strided`: the same with stride-2 convolutions instead of max-pooling;
+  `--halve-every N`: the outer learning rate halved every N iterations.
 - learn2learn: examples/vision/maml_omniglot.py as published (OmniglotCNN with strided
   convolutions, `l2l.algorithms.MAML(lr=0.5)`, Adam 3e-3, meta-batch 32, 1 adaptation step,
   1 query per class, clone/adapt/backward per task). Runs in the peer venv.
@@ -79,7 +80,7 @@ def fastadapt_maml(args: argparse.Namespace) -> Recipe:
     def accuracy(batch: TaskBatch) -> torch.Tensor:
         return learner.task_metrics(batch, inner_steps=3)["accuracy"]
 
-    return Recipe(learner, step, accuracy, lr=3e-3, ways=5, queries=1, tasks=32)
+    return Recipe(learner, step, accuracy, lr=3e-3, ways=5, queries=1, tasks=32, halve_every=args.halve_every)
 
 
 def learn2learn_maml() -> Recipe:
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("conv4", "conv4-strided"), default="conv4",
                         help="fastadapt MAML only: max-pooling Conv4, or stride-2 convolutions (learn2learn's "
                         "OmniglotCNN strides too, and averages the last 2 x 2 maps where ours flattens them)")
+    parser.add_argument("--halve-every", type=int, metavar="N",
+                        help="fastadapt MAML only: halve the outer learning rate every N iterations (the config's "
+                        "schedule: step, schedule_step: N, schedule_gamma: 0.5); default constant")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="training time before giving up")
@@ -177,8 +181,8 @@ def main() -> None:
     keep_freed_memory()
     torch.manual_seed(args.seed)
     splits = omniglot_splits(args.data_root)
-    if args.backbone != "conv4" and (args.algorithm, args.contender) != ("maml", "fastadapt"):
-        parser.error(f"--backbone {args.backbone} applies to --algorithm maml --contender fastadapt")
+    if (args.backbone != "conv4" or args.halve_every) and (args.algorithm, args.contender) != ("maml", "fastadapt"):
+        parser.error("--backbone and --halve-every apply to --algorithm maml --contender fastadapt")
     recipe = RECIPES[args.algorithm, args.contender](args)
     train = EpisodeSampler(splits["train"], recipe.ways, 1, recipe.queries, seed=args.seed)
     test = EpisodeSampler(splits["test"], 5, 1, 15, seed=1)
@@ -188,6 +192,7 @@ def main() -> None:
                 if recipe.halve_every else None)
     label = f"{args.algorithm} " + args.contender + (f" {args.precision}" if args.contender == "fastadapt" else "")
     label += " conv4-strided" if args.backbone == "conv4-strided" else ""
+    label += f" lr halved every {args.halve_every}" if args.halve_every else ""
     print(f"{label}: Omniglot 5w1s, target {args.target:.2%}, budget {args.budget_minutes} min, "
           f"{args.threads} threads, {args.clock} clock, test on {args.eval_episodes} fixed episodes (15 queries per class)", flush=True)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
