@@ -48,7 +48,7 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 
     `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
     `device` (cpu, cuda, cuda:N) and `threads` (torch's intra-op threads) override where and on how
-    many threads the run trains, a resumed one included (neither changes what the run computes).
+    many threads the run trains, a resumed one included (neither changes what it computes, beyond rounding).
     `progress` shows a progress bar; `on_row` receives every logged metrics row.
 
     Example:
