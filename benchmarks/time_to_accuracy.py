@@ -152,6 +152,13 @@ RECIPES: dict[tuple[str, str], Callable[[argparse.Namespace], Recipe]] = {
 }
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithm", choices=("maml", "protonet"), default="maml")
@@ -160,7 +167,7 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("conv4", "conv4-strided"), default="conv4",
                         help="fastadapt MAML only: max-pooling Conv4, or stride-2 convolutions (learn2learn's "
                         "OmniglotCNN strides too, and averages the last 2 x 2 maps where ours flattens them)")
-    parser.add_argument("--halve-every", type=int, metavar="N",
+    parser.add_argument("--halve-every", type=_positive_int, metavar="N",
                         help="fastadapt MAML only: halve the outer learning rate every N iterations (the config's "
                         "schedule: step, schedule_step: N, schedule_gamma: 0.5); default constant")
     parser.add_argument("--data-root", required=True)
@@ -177,12 +184,13 @@ def main() -> None:
     if args.clock == "cpu" and args.threads != 1:
         parser.error(f"--clock cpu sums the CPU time of all threads (idle ones spin too): use --threads 1, "
                      f"got --threads {args.threads}")
+    if (args.backbone != "conv4" or args.halve_every) and (args.algorithm, args.contender) != ("maml", "fastadapt"):
+        parser.error(f"--backbone {args.backbone} / --halve-every {args.halve_every} apply to --algorithm maml "
+                     f"--contender fastadapt, not --algorithm {args.algorithm} --contender {args.contender}")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     torch.manual_seed(args.seed)
     splits = omniglot_splits(args.data_root)
-    if (args.backbone != "conv4" or args.halve_every) and (args.algorithm, args.contender) != ("maml", "fastadapt"):
-        parser.error("--backbone and --halve-every apply to --algorithm maml --contender fastadapt")
     recipe = RECIPES[args.algorithm, args.contender](args)
     train = EpisodeSampler(splits["train"], recipe.ways, 1, recipe.queries, seed=args.seed)
     test = EpisodeSampler(splits["test"], 5, 1, 15, seed=1)

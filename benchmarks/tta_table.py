@@ -4,7 +4,7 @@
         benchmarks/results/tta-fastadapt-conv4-halve500.json --levels 0.90 0.93 0.95 0.97
 
 Prints a Markdown table: for each level, each run's training seconds (and iteration) at its first
-evaluation at or above the level, or "not reached (best X)" with its training budget.
+evaluation at or above the level, or "not in N s (best X)" with N its training time.
 """
 
 from __future__ import annotations

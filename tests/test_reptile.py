@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastadapt
 from fastadapt import Reptile, SinusoidTasks, TaskBatch
-from fastadapt.algorithms.reptile import minibatch_order
+from fastadapt.algorithms.reptile import fine_tune_tasks, minibatch_order, reptile_optimizer
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import MLP, Conv4
 from fastadapt.training import evaluate_learner
@@ -127,6 +127,15 @@ def test_evaluation_is_a_pure_function_of_the_episode_and_leaves_the_model_untou
     predicted = reptile.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0])
     assert torch.allclose(F.cross_entropy(predicted, batch.query_y[0]), together["loss"][0])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_fine_tuning_needs_one_generator_per_task():
+    model = _model()
+    batch = _batch(3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="generators: one per task, got 1 for 3 tasks"):
+        fine_tune_tasks(task_batched_forward(model), params, batch.support_x, batch.support_y, loss_fn=F.cross_entropy,
+                        steps=1, optimizer=reptile_optimizer("sgd", 0.1), generators=[None])
 
 
 def test_bad_options_are_refused_with_the_value_and_what_is_allowed():

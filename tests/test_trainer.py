@@ -72,7 +72,11 @@ def test_a_run_resumes_with_another_thread_count(tmp_path):
         if not f.name.startswith(step_name(40)):
             f.unlink()
     (run / "results.json").unlink()
-    resumed = fastadapt.train(out=run, resume=True, threads=2, progress=False)
+    before = torch.get_num_threads()
+    try:
+        resumed = fastadapt.train(out=run, resume=True, threads=2, progress=False)
+    finally:
+        torch.set_num_threads(before)  # the trainer sets the process's thread count
     assert resumed["mean"] == pytest.approx(whole["mean"], rel=1e-4)  # threads may round differently
     assert resumed["steps"] == whole["steps"] == 60
 

@@ -44,7 +44,8 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # (the multi-step loss over the first 10% of the iterations, as 10 of the configs' 100 epochs)
     ("omniglot", "maml++"): dict(inner_steps=5, eval_inner_steps=5, inner_lr=0.1, meta_lr=1e-3, meta_batch=16,
                                  schedule="cosine", min_meta_lr=1e-5, multi_step_loss_iterations=105),
-    # Reptile: the paper's 5-way Omniglot settings (recipes/reptile/), but the run's short budget; on
+    # Reptile: the paper's 5-way Omniglot settings (recipes/reptile/), but the run's short budget and the
+    # max-pooling Conv4 (the recipes use the paper's strided network: --backbone conv4-strided); on
     # sinusoids serial Reptile with 32 inner SGD steps, as the paper's sine-wave demonstration
     ("omniglot", "reptile"): dict(train_shots=10, queries=1, inner_optimizer="adam", inner_lr=1e-3, inner_steps=5,
                                   inner_batch=10, eval_inner_steps=50, eval_inner_batch=5, optimizer="sgd",
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--device", type=_device,
                         help=_DEVICE_HELP + " (default: the recipe's); with --resume, where the run continues")
     recipe.add_argument("--threads", type=_positive_int,
-                        help="torch intra-op threads (default: the recipe's); with --resume, for the rest of the run")
+                        help="torch intra-op threads (default: the recipe's); with --resume, for this resumed process")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)

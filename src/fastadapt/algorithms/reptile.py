@@ -107,6 +107,8 @@ def fine_tune_tasks(
         (torch.Size([3, 2, 64]), torch.Size([3]))
     """
     tasks, n = x.shape[:2]
+    if len(generators) != tasks:
+        raise ValueError(f"generators: one per task, got {len(generators)} for {tasks} tasks")
     orders = torch.stack([torch.stack(minibatch_order(n, batch_size, steps, g)) for g in generators], 1)  # (steps, T, b)
     orders = orders.to(x.device)
     rows = torch.arange(tasks, device=x.device)[:, None]
