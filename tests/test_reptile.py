@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastadapt
 from fastadapt import Reptile, SinusoidTasks, TaskBatch
-from fastadapt.algorithms.reptile import fine_tune_tasks, minibatch_order, reptile_optimizer
+from fastadapt.algorithms.reptile import CarriedAdamState, fine_tune_tasks, minibatch_order, reptile_optimizer
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import MLP, Conv4
 from fastadapt.training import evaluate_learner
@@ -106,6 +106,75 @@ def test_one_serial_sgd_outer_step_moves_theta_toward_the_adapted_weights():
     assert set(metrics) == {"loss", "accuracy", "support_loss"}
 
 
+def _query_loss_after_adam(model: torch.nn.Module, adam: torch.optim.Adam, episode: TaskBatch,
+                           steps: int) -> torch.Tensor:
+    """Fine-tunes a copy of `model` with a copy of `adam`'s state (full support batch); its query loss."""
+    copy_ = copy.deepcopy(model)
+    opt = torch.optim.Adam(copy_.parameters(), lr=adam.defaults["lr"], betas=adam.defaults["betas"])
+    opt.load_state_dict(adam.state_dict())
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(copy_(episode.support_x[0]), episode.support_y[0]).backward()
+        opt.step()
+    with torch.no_grad():
+        return F.cross_entropy(copy_(episode.query_x[0]), episode.query_y[0])
+
+
+def test_persistent_inner_state_is_the_authors_serial_reptile_one_adam_carried_across_tasks_and_into_evaluation():
+    model = _model()
+    reference = copy.deepcopy(model)
+    reptile = Reptile(model, inner_lr=0.01, inner_steps=3, inner_optimizer="adam", inner_state="persistent",
+                      eval_inner_steps=4)
+    outer = torch.optim.SGD(reptile.parameters(), lr=0.5)
+    adam = torch.optim.Adam(reference.parameters(), lr=0.01, betas=(0.0, 0.999))
+    for episode in _batch(3).split(1):  # the serial version: one task per outer step
+        theta = [p.detach().clone() for p in reference.parameters()]
+        for _ in range(3):  # Adam's state runs on; only the weights are restored after the task
+            adam.zero_grad()
+            F.cross_entropy(reference(episode.support_x[0]), episode.support_y[0]).backward()
+            adam.step()
+        with torch.no_grad():
+            for p, t in zip(reference.parameters(), theta):
+                p.copy_(t + 0.5 * (p - t))
+        outer.zero_grad()
+        loss, _ = reptile.meta_loss(episode)
+        loss.backward()
+        outer.step()
+    carried = reptile.carried_state
+    assert carried is not None and int(carried.count) == 9
+    start = carried.start(1)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-8), name  # conv biases before BatchNorm: see above
+        assert torch.allclose(start.nu[name][0], adam.state[q]["exp_avg_sq"], rtol=1e-9, atol=1e-20), name
+    episode = _batch(1)
+    before = {k: v.clone() for k, v in carried.state_dict().items()}
+    ours = reptile.task_metrics(episode)["loss"][0]
+    assert torch.allclose(ours, _query_loss_after_adam(reference, adam, episode, steps=4), rtol=1e-7)
+    fresh = Reptile(model, inner_lr=0.01, inner_optimizer="adam", eval_inner_steps=4).task_metrics(episode)["loss"][0]
+    assert abs(float(ours - fresh)) > 1e-4  # the carried state changed the evaluation's fine-tuning
+    assert all(torch.equal(v, before[k]) for k, v in carried.state_dict().items())  # evaluation leaves it
+
+
+def test_carrying_tasks_run_at_once_equals_running_them_one_after_another_for_fixed_gradients():
+    betas = (0.5, 0.9)  # beta1 > 0: the first moment is carried too
+    opt = reptile_optimizer("adam", 0.1, adam_betas=betas)
+    grads = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # task t's gradient
+    carried = CarriedAdamState({"w": torch.zeros(3, dtype=torch.float64)}, betas)
+    chained = opt.init({"w": torch.zeros(3, dtype=torch.float64)})
+    for _ in range(2):  # two outer steps: the second starts from a non-zero state
+        for t in range(4):
+            for _ in range(2):
+                _, chained = opt.update({"w": grads[t]}, chained, {"w": torch.zeros(3, dtype=torch.float64)})
+        together = carried.start(4)
+        for _ in range(2):
+            _, together = opt.update({"w": grads}, together, {"w": torch.zeros(4, 3, dtype=torch.float64)})
+        carried.carry(together)
+    start = carried.start(1)
+    assert start.count == chained.count == 16
+    assert torch.allclose(start.mu["w"][0], chained.mu["w"], rtol=1e-12)
+    assert torch.allclose(start.nu["w"][0], chained.nu["w"], rtol=1e-12)
+
+
 def test_minibatches_are_shuffled_passes_and_full_batches_when_the_support_set_is_small():
     order = minibatch_order(5, 2, 4, torch.Generator().manual_seed(0))
     flat = torch.cat(order)
@@ -145,6 +214,12 @@ def test_bad_options_are_refused_with_the_value_and_what_is_allowed():
         Reptile(MLP(), inner_batch=0)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         Reptile(MLP(), inner_lr=-1.0)
+    with pytest.raises(ValueError, match="inner_state 'persistent' carries Adam's moments .* inner_optimizer is 'sgd'"):
+        Reptile(MLP(), inner_optimizer="sgd", inner_state="persistent")
+    with pytest.raises(ValueError, match="inner_state must be 'fresh' or 'persistent', got 'kept'"):
+        Reptile(MLP(), inner_state="kept")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="inner_state 'persistent' .* got algorithm 'maml' with inner_optimizer 'sgd'"):
+        Config.from_dict({"inner_state": "persistent"})
     with pytest.raises(ConfigError, match="meta_momentum is the momentum of the outer SGD; optimizer is 'adam'"):
         Config.from_dict({"algorithm": "reptile", "meta_momentum": 0.0})
     with pytest.raises(ConfigError, match="inner_batch .* only apply to algorithm 'reptile', not 'maml'"):
@@ -181,10 +256,12 @@ def test_serial_reptile_learns_sinusoids_far_beyond_fine_tuning_an_untrained_net
     assert after < 0.4 * before and after < 0.4 * untrained, (untrained, before, after)
 
 
-def test_a_resumed_run_continues_exactly_the_mini_batch_order_included(tmp_path, one_thread):
+@pytest.mark.parametrize("inner", [{}, {"inner_optimizer": "adam", "inner_state": "persistent"}])
+def test_a_resumed_run_continues_exactly_the_mini_batch_order_and_carried_adam_state_included(tmp_path, one_thread,
+                                                                                               inner):
     config = {"algorithm": "reptile", "inner_steps": 4, "inner_batch": 3, "optimizer": "sgd", "meta_momentum": 0.0,
               "meta_lr": 0.5, "schedule": "linear", "meta_batch": 2, "iterations": 6, "checkpoint_every": 3,
-              "log_every": 1, "eval_episodes": 2}
+              "log_every": 1, "eval_episodes": 2, **inner}
     fastadapt.train(config, tmp_path / "straight", progress=False)
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     for path in (tmp_path / "resumed" / "checkpoints").glob(step_name(6) + ".*"):
@@ -194,6 +271,7 @@ def test_a_resumed_run_continues_exactly_the_mini_batch_order_included(tmp_path,
     resumed, _ = load_checkpoint(tmp_path / "resumed" / "checkpoints" / f"{step_name(6)}.json")
     weights = [k for k in straight if k.startswith("learner.")]
     assert weights and all(torch.equal(straight[k], resumed[k]) for k in weights)
+    assert any(k.startswith("learner.carried_state.nu.") for k in weights) == bool(inner)
     assert not torch.equal(straight["learner.model.head.weight"], load_checkpoint(
         tmp_path / "straight" / "checkpoints" / f"{step_name(3)}.json")[0]["learner.model.head.weight"])
 

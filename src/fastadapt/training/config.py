@@ -34,6 +34,7 @@ _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
 _INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *_MAML_FAMILY)
 SIMILARITIES = ("cosine", "scaled-cosine")
+INNER_STATES = ("fresh", "persistent")
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # where a run lives: cpu, cuda or cuda:N
 
 
@@ -111,6 +112,9 @@ class Config:
     # (null: inner_batch)
     inner_batch: int | None = None
     eval_inner_batch: int | None = None
+    # Reptile's inner Adam state: fresh for every task, or persistent (carried across tasks and into
+    # evaluation, as the authors' code)
+    inner_state: str = "fresh"
     # Matching Networks: full context embeddings with K processing steps, and the similarity
     fce: bool = False
     fce_steps: int = 5
@@ -261,6 +265,11 @@ class Config:
             if self.optimizer != "sgd":
                 raise ConfigError(f"meta_momentum is the momentum of the outer SGD; optimizer is {self.optimizer!r} "
                                   "(use optimizer: sgd, or meta_momentum: null)")
+        _choice("inner_state", self.inner_state, INNER_STATES)
+        if self.inner_state == "persistent" and (self.algorithm, self.inner_optimizer) != ("reptile", "adam"):
+            raise ConfigError("inner_state 'persistent' carries Reptile's inner Adam state across tasks; got "
+                              f"algorithm {self.algorithm!r} with inner_optimizer {self.inner_optimizer!r} (use algorithm: "
+                              "reptile with inner_optimizer: adam, or inner_state: fresh)")
         batches = [k for k in ("inner_batch", "eval_inner_batch") if getattr(self, k) is not None]
         if batches and self.algorithm != "reptile":
             raise ConfigError(f"{' and '.join(batches)} (inner mini-batches) only apply to algorithm 'reptile', "
@@ -319,7 +328,7 @@ _TYPES: dict[str, type] = {
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
     "imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
-    "meta_momentum": float, "fce": bool, "similarity": str, "device": str,
+    "meta_momentum": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
 }
 _OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads",
              "per_step_inner_lr", "multi_step_loss_iterations", "per_step_bn_weights",

@@ -94,7 +94,7 @@ def _new_learner(config: Config) -> nn.Module:
         return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                        inner_optimizer=config.inner_optimizer, inner_batch=config.inner_batch,  # type: ignore[arg-type]
                        eval_inner_steps=config.effective_eval_inner_steps, eval_inner_batch=config.eval_inner_batch,
-                       task=config.task)  # type: ignore[arg-type]
+                       inner_state=config.inner_state, task=config.task)  # type: ignore[arg-type]
     if config.algorithm == "baseline":
         return Baseline(model, baseline_classes(config), head=config.head)  # type: ignore[arg-type]
     if config.algorithm == "imaml":
