@@ -171,8 +171,34 @@ def test_carrying_tasks_run_at_once_equals_running_them_one_after_another_for_fi
         carried.carry(together)
     start = carried.start(1)
     assert start.count == chained.count == 16
-    assert torch.allclose(start.mu["w"][0], chained.mu["w"], rtol=1e-12)
-    assert torch.allclose(start.nu["w"][0], chained.nu["w"], rtol=1e-12)
+    assert torch.allclose(start.mu["w"][0], chained.mu["w"], rtol=1e-12, atol=0)
+    assert torch.allclose(start.nu["w"][0], chained.nu["w"], rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match=r"carry\(\) takes the final state of the tasks of the last start\(\)"):
+        carried.carry(together)  # twice: the second would count the same tasks again
+
+
+def test_a_batched_outer_step_carries_every_tasks_final_state_once():
+    reptile = Reptile(_model(), inner_lr=0.01, inner_steps=3, inner_optimizer="adam", inner_state="persistent")
+    carried = reptile.carried_state
+    assert carried is not None
+    reptile.meta_loss(_batch(2))  # a first step, so the next starts from a non-zero state
+    before = {k: v.clone() for k, v in carried.state_dict().items()}
+    batch = _batch(3)
+    theta = {n: p.detach() for n, p in reptile.model.named_parameters()}
+    _, _, final = fine_tune_tasks(task_batched_forward(reptile.model), theta, batch.support_x, batch.support_y,
+                                  loss_fn=F.cross_entropy, steps=3, optimizer=reptile.inner_opt,
+                                  generators=[None] * 3, state=carried.start(3))  # full batches: no shuffling
+    reptile.meta_loss(batch)
+    assert int(carried.count) == 6 + 9
+    for name in theta:
+        expected = 0.999 ** 9 * before[f"nu.{name.replace('.', '__')}"] + sum(
+            0.999 ** (3 * (2 - t)) * (final.nu[name][t] - 0.999 ** 3 * before[f"nu.{name.replace('.', '__')}"])
+            for t in range(3))
+        assert torch.allclose(carried.start(1).nu[name][0], expected, rtol=1e-10, atol=1e-30), name
+    after = {k: v.clone() for k, v in carried.state_dict().items()}
+    reptile.task_metrics(_batch(2))
+    reptile.adapt(batch.support_x[0], batch.support_y[0])
+    assert all(torch.equal(v, after[k]) for k, v in carried.state_dict().items())  # evaluation leaves it
 
 
 def test_minibatches_are_shuffled_passes_and_full_batches_when_the_support_set_is_small():
@@ -216,7 +242,7 @@ def test_bad_options_are_refused_with_the_value_and_what_is_allowed():
         Reptile(MLP(), inner_lr=-1.0)
     with pytest.raises(ValueError, match="inner_state 'persistent' carries Adam's moments .* inner_optimizer is 'sgd'"):
         Reptile(MLP(), inner_optimizer="sgd", inner_state="persistent")
-    with pytest.raises(ValueError, match="inner_state must be 'fresh' or 'persistent', got 'kept'"):
+    with pytest.raises(ValueError, match="inner_state must be one of 'fresh', 'persistent', got 'kept'"):
         Reptile(MLP(), inner_state="kept")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="inner_state 'persistent' .* got algorithm 'maml' with inner_optimizer 'sgd'"):
         Config.from_dict({"inner_state": "persistent"})

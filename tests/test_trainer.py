@@ -81,6 +81,30 @@ def test_a_run_resumes_with_another_thread_count(tmp_path):
     assert resumed["steps"] == whole["steps"] == 60
 
 
+def test_a_run_made_before_a_config_key_existed_resumes_and_a_changed_key_is_named(tmp_path):
+    run = tmp_path / "run"
+    whole = fastadapt.train({**SMALL, "threads": 1}, run, progress=False)
+    for f in (run / "checkpoints").iterdir():  # as if killed just after the step-40 checkpoint
+        if not f.name.startswith(step_name(40)):
+            f.unlink()
+    (run / "results.json").unlink()
+    manifest = run / "checkpoints" / f"{step_name(40)}.json"
+    for path, inside in ((run / "config.json", lambda d: d), (manifest, lambda d: d["state"]["config"])):
+        saved = json.loads(path.read_text())
+        del inside(saved)["inner_state"]  # a key the library gained after the run was made
+        path.write_text(json.dumps(saved))
+    resumed = fastadapt.train(out=run, resume=True, progress=False)
+    assert resumed["mean"] == whole["mean"] and resumed["steps"] == 60
+    saved = json.loads(manifest.read_text())
+    saved["state"]["config"]["inner_lr"] = 0.5
+    manifest.write_text(json.dumps(saved))
+    for f in (run / "checkpoints").iterdir():
+        if not f.name.startswith(step_name(40)):
+            f.unlink()
+    with pytest.raises(ConfigError, match=r"made with other settings \(inner_lr\)"):
+        fastadapt.train(out=run, resume=True, progress=False)
+
+
 def test_same_seed_same_results_and_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):

@@ -107,14 +107,15 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     with torch_threads(config.threads):  # the run's own thread count, as in training
         estimates = evaluate_learner(learner, tasks, episodes, inner_steps=steps)
     metric = "accuracy" if "accuracy" in estimates else "loss"
-    ways, shots = ways or config.ways, shots or config.shots
+    ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
-        "dataset": config.dataset, "ways": ways, "shots": shots,
+        "dataset": config.dataset, "ways": ways, "shots": shots, "queries": queries,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95, "checkpoint": source.name,
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
     }
-    tag = f"{config.dataset}-{ways}w{shots}s-{result['inner_steps'] or 0}steps-{episodes}ep"
+    other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
+    tag = f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps-{episodes}ep"
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result

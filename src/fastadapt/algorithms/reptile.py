@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import InnerOptimizer, LossFn, Params, adam, forward, loss_with_grads, momentum, sgd
-from ..functional.optim import AdamState
+from ..functional import AdamState, InnerOptimizer, LossFn, Params, adam, forward, loss_with_grads, momentum, sgd
 from ..functional.task_batched import BatchedForward, per_task_losses, stacked_params, task_batched_forward
 from .gradient import AdaptedModel
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
@@ -93,7 +92,7 @@ def fine_tune_tasks(
     optimizer: InnerOptimizer,
     batch_size: int | None = None,
     generators: Sequence[torch.Generator | None],
-    state: Any = None,
+    state: Any | None = None,
 ) -> tuple[Params, Tensor, Any]:
     """First-order fine-tuning of T tasks at once: `steps` optimizer steps on mini-batches of
     `x (T, N, ...)`, `y (T, N, ...)`, from `params` for every task, no graph kept.
@@ -164,7 +163,9 @@ class CarriedAdamState(nn.Module):
     by the decay of the tasks after it (K inner steps per task). With one task per outer step (the
     serial version) this is exactly the authors' state; with T tasks run at once, each task misses
     the contributions of the tasks before it in its own steps (a few per cent of the second moment
-    for the recipes' 5 x 5 steps, with beta2 = 0.999). Buffers, so checkpoints save it.
+    for the recipes' 5 x 5 steps, with beta2 = 0.999), and its bias correction counts from the
+    carried count rather than after them (negligible once the count is in the thousands). Buffers,
+    so checkpoints save it; the parameters it tracks are fixed at construction.
 
     Example:
         >>> state = CarriedAdamState({"w": torch.zeros(2)}, betas=(0.0, 0.999))
@@ -182,9 +183,12 @@ class CarriedAdamState(nn.Module):
         self.names = list(params)
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.mu, self.nu = nn.Module(), nn.Module()
+        if len({_buffer_name(name) for name in params}) != len(params):
+            raise ValueError(f"parameter names {self.names} collide once '.' becomes '__'; rename the parameters")
         for store in (self.mu, self.nu):
             for name, p in params.items():
                 store.register_buffer(_buffer_name(name), torch.zeros_like(p))
+        self._handed_out: tuple[int, int] | None = None  # (count, tasks) of the last `start`
 
     def _moments(self, store: nn.Module) -> Params:
         return {name: getattr(store, _buffer_name(name)) for name in self.names}
@@ -193,13 +197,19 @@ class CarriedAdamState(nn.Module):
         """The carried state, one copy per task `(tasks, *p.shape)`."""
         def stack(store: nn.Module) -> Params:
             return {n: v.expand(tasks, *v.shape).clone() for n, v in self._moments(store).items()}
+        self._handed_out = (int(self.count), tasks)
         return AdamState(int(self.count), stack(self.mu), stack(self.nu))
 
     @torch.no_grad()
     def carry(self, final: AdamState) -> None:
-        """Absorbs the final states of the tasks `start` was handed out to, in task order."""
-        steps = final.count - int(self.count)
-        tasks = next(iter(final.nu.values())).shape[0]
+        """Absorbs the final states of the tasks the last `start` was handed out to, in task order (once)."""
+        got_tasks = next(iter(final.nu.values())).shape[0]
+        if self._handed_out != (int(self.count), got_tasks) or final.count <= int(self.count):
+            raise RuntimeError(f"carry() takes the final state of the tasks of the last start() (count, tasks) = "
+                               f"{self._handed_out}, after at least one step; got count {final.count} for "
+                               f"{got_tasks} tasks")
+        steps, tasks = final.count - int(self.count), got_tasks
+        self._handed_out = None
         for store, beta, after in ((self.mu, self.betas[0], final.mu), (self.nu, self.betas[1], final.nu)):
             later_decay = torch.tensor([beta ** (steps * (tasks - 1 - t)) for t in range(tasks)],
                                        dtype=torch.float64)
@@ -271,7 +281,7 @@ class Reptile(nn.Module):
         self.task = check_kind(task)
         self.shuffle_seed = shuffle_seed
         if inner_state not in INNER_STATES:
-            raise ValueError(f"inner_state must be 'fresh' or 'persistent', got {inner_state!r}")
+            raise ValueError(f"inner_state must be one of {', '.join(map(repr, INNER_STATES))}, got {inner_state!r}")
         if inner_state == "persistent" and inner_optimizer != "adam":
             raise ValueError(f"inner_state 'persistent' carries Adam's moments across tasks; inner_optimizer is "
                              f"{inner_optimizer!r} (use inner_optimizer='adam' or inner_state='fresh')")
@@ -297,7 +307,8 @@ class Reptile(nn.Module):
         return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
-        """Fine-tunes on one task's support set (`eval_inner_steps`, `eval_inner_batch`); returns the predictor.
+        """Fine-tunes on one task's support set (`eval_inner_steps`, `eval_inner_batch`; from the carried
+        Adam state with `inner_state="persistent"`, which it leaves as it was); returns the predictor.
 
         Example:
             >>> from fastadapt.nn import Conv4
@@ -312,7 +323,8 @@ class Reptile(nn.Module):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The Reptile direction for the batch, as a loss to call `backward()` on, and metrics.
 
-        `loss.backward()` deposits `theta - mean_t(phi_t)` in the trainable parameters. The loss
+        `loss.backward()` deposits `theta - mean_t(phi_t)` in the trainable parameters. With
+        `inner_state="persistent"` it also advances the carried Adam state: call it once per outer step. The loss
         value (and metric `loss`, `accuracy`) is the mean query loss after adaptation, for
         monitoring; `support_loss` is the loss on each task's first inner mini-batch.
         """

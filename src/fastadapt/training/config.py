@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..algorithms.mamlpp import MSL_ITERATIONS
+from ..algorithms.reptile import INNER_STATES
 
 __all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHMS", "DATASETS", "DEVICE_PATTERN"]
 
@@ -34,7 +35,6 @@ _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
 _INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *_MAML_FAMILY)
 SIMILARITIES = ("cosine", "scaled-cosine")
-INNER_STATES = ("fresh", "persistent")
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # where a run lives: cpu, cuda or cuda:N
 
 

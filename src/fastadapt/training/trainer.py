@@ -221,9 +221,10 @@ class Trainer:
         if not (self.run_dir / "config.json").is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir}: no config.json (not a run directory)")
         tensors, saved, manifest = latest_checkpoint(self.checkpoints)
-        if _result_keys(saved["config"]) != _result_keys(self.config.to_dict()):
-            changed = sorted(k for k in _result_keys(saved["config"])
-                             if saved["config"][k] != self.config.to_dict().get(k))
+        # through from_dict: keys added to the library since the run was made take their defaults
+        made_with, now = _result_keys(Config.from_dict(saved["config"]).to_dict()), _result_keys(self.config.to_dict())
+        if made_with != now:
+            changed = sorted(k for k in made_with.keys() | now.keys() if made_with.get(k) != now.get(k))
             raise ConfigError(f"the run in {self.run_dir} was made with other settings ({', '.join(changed)}); "
                               "resume it with its own config (fastadapt train --resume RUN_DIR)")
         load_module_tensors(learner, tensors, "learner.", manifest)
