@@ -65,13 +65,19 @@ def test_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path):
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if k.startswith(("learner.", "optimizer.")))
 
 
-def test_a_run_resumes_with_another_thread_count(tmp_path):
-    run = tmp_path / "run"
+def _run_cut_after_step_40(run: Path) -> dict:
+    """A finished one-thread SMALL run, then its files as if killed just after the step-40 checkpoint."""
     whole = fastadapt.train({**SMALL, "threads": 1}, run, progress=False)
-    for f in (run / "checkpoints").iterdir():  # as if killed just after the step-40 checkpoint
+    for f in (run / "checkpoints").iterdir():
         if not f.name.startswith(step_name(40)):
             f.unlink()
     (run / "results.json").unlink()
+    return whole
+
+
+def test_a_run_resumes_with_another_thread_count(tmp_path):
+    run = tmp_path / "run"
+    whole = _run_cut_after_step_40(run)
     before = torch.get_num_threads()
     try:
         resumed = fastadapt.train(out=run, resume=True, threads=2, progress=False)
@@ -83,11 +89,7 @@ def test_a_run_resumes_with_another_thread_count(tmp_path):
 
 def test_a_run_made_before_a_config_key_existed_resumes_and_a_changed_key_is_named(tmp_path):
     run = tmp_path / "run"
-    whole = fastadapt.train({**SMALL, "threads": 1}, run, progress=False)
-    for f in (run / "checkpoints").iterdir():  # as if killed just after the step-40 checkpoint
-        if not f.name.startswith(step_name(40)):
-            f.unlink()
-    (run / "results.json").unlink()
+    whole = _run_cut_after_step_40(run)
     manifest = run / "checkpoints" / f"{step_name(40)}.json"
     for path, inside in ((run / "config.json", lambda d: d), (manifest, lambda d: d["state"]["config"])):
         saved = json.loads(path.read_text())
@@ -98,7 +100,7 @@ def test_a_run_made_before_a_config_key_existed_resumes_and_a_changed_key_is_nam
     saved = json.loads(manifest.read_text())
     saved["state"]["config"]["inner_lr"] = 0.5
     manifest.write_text(json.dumps(saved))
-    for f in (run / "checkpoints").iterdir():
+    for f in (run / "checkpoints").iterdir():  # back to the edited step-40 checkpoint
         if not f.name.startswith(step_name(40)):
             f.unlink()
     with pytest.raises(ConfigError, match=r"made with other settings \(inner_lr\)"):
