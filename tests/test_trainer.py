@@ -107,6 +107,17 @@ def test_a_run_made_before_a_config_key_existed_resumes_and_a_changed_key_is_nam
         fastadapt.train(out=run, resume=True, progress=False)
 
 
+def test_an_evaluation_with_another_query_count_gets_its_own_file(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({**SMALL, "validation_every": 0, "threads": 1}, run, progress=False)
+    own = fastadapt.evaluate(run, episodes=4)
+    other = fastadapt.evaluate(run, episodes=4, queries=3)
+    files = {p.name: json.loads(p.read_text()) for p in (run / "evals").glob("*.json")}
+    assert own["queries"] == Config().eval_queries and other["queries"] == 3
+    assert sorted(files) == ["sinusoid-5w10s-1steps-4ep.json", "sinusoid-5w10s-3q-1steps-4ep.json"]
+    assert files["sinusoid-5w10s-3q-1steps-4ep.json"]["mean"] == other["mean"] != own["mean"]
+
+
 def test_same_seed_same_results_and_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):

@@ -83,6 +83,7 @@ class EvalPoint:
     metric: str
     mean: float
     ci95: float
+    queries: int | None = None  # absent in evaluations written before it was recorded
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ def _read_eval(path: Path) -> EvalPoint:
         metric=str(data["metric"]),
         mean=_number(data["mean"], path, "mean"),
         ci95=_number(data["ci95"], path, "ci95"),
+        queries=_optional_int(data.get("queries"), path, "queries"),
     )
 
 
@@ -279,6 +281,8 @@ def _matches(point: EvalPoint, run: RunData, *, shots: bool) -> bool:
         return False
     if point.ways != run.config.get("ways"):
         return False
+    if point.queries is not None and point.queries != run.config.get("eval_queries", point.queries):
+        return False  # another query count (`fastadapt eval --queries`) is another protocol
     return not shots or point.shots == run.config.get("shots")
 
 

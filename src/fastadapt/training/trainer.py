@@ -79,13 +79,14 @@ def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("device", "threads")}
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """The output of `git ARGS` in the library's checkout; None outside one."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 class Trainer:
@@ -221,7 +222,8 @@ class Trainer:
         if not (self.run_dir / "config.json").is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir}: no config.json (not a run directory)")
         tensors, saved, manifest = latest_checkpoint(self.checkpoints)
-        # through from_dict: keys added to the library since the run was made take their defaults
+        # through from_dict: keys added to the library since the run was made take their defaults (a new
+        # key's default must be the behaviour before it existed, as inner_state: fresh is)
         made_with, now = _result_keys(Config.from_dict(saved["config"]).to_dict()), _result_keys(self.config.to_dict())
         if made_with != now:
             changed = sorted(k for k in made_with.keys() | now.keys() if made_with.get(k) != now.get(k))
@@ -244,7 +246,9 @@ class Trainer:
         write_json(self.run_dir / "config.json", self.config.to_dict())
         write_json(self.run_dir / "environment.json", {
             "fastadapt": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "platform": platform.platform(), "threads": torch.get_num_threads(), "git_commit": _git("rev-parse", "HEAD") or None,
+            "git_uncommitted_changes": None if (status := _git("status", "--porcelain", "--untracked-files=no")) is None
+            else bool(status),
             "command": sys.argv, "seed": self.config.seed, "device": self.config.device,
             "gpu": torch.cuda.get_device_name(self.config.device) if self.config.device.startswith("cuda") else None,
         })
