@@ -89,6 +89,13 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _checkout_state() -> dict[str, Any]:
+    """The library's git commit and whether tracked files differ from it (None outside a checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD") or None,
+            "git_uncommitted_changes": None if status is None else bool(status)}
+
+
 class Trainer:
     """Runs one config in one run directory; `fit()` trains (or resumes) and tests.
 
@@ -246,9 +253,7 @@ class Trainer:
         write_json(self.run_dir / "config.json", self.config.to_dict())
         write_json(self.run_dir / "environment.json", {
             "fastadapt": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "threads": torch.get_num_threads(), "git_commit": _git("rev-parse", "HEAD") or None,
-            "git_uncommitted_changes": None if (status := _git("status", "--porcelain", "--untracked-files=no")) is None
-            else bool(status),
+            "platform": platform.platform(), "threads": torch.get_num_threads(), **_checkout_state(),
             "command": sys.argv, "seed": self.config.seed, "device": self.config.device,
             "gpu": torch.cuda.get_device_name(self.config.device) if self.config.device.startswith("cuda") else None,
         })
