@@ -107,6 +107,21 @@ def test_a_run_made_before_a_config_key_existed_resumes_and_a_changed_key_is_nam
         fastadapt.train(out=run, resume=True, progress=False)
 
 
+def test_a_saved_config_with_a_key_this_version_does_not_know_names_the_file(tmp_path):
+    run = tmp_path / "run"
+    _run_cut_after_step_40(run)
+    manifest = run / "checkpoints" / f"{step_name(40)}.json"
+    saved = json.loads(manifest.read_text())
+    saved["state"]["config"]["inner_schedule"] = "cosine"  # a key from another version
+    manifest.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=rf"{step_name(40)}.json holds a config this version .*'inner_schedule'"):
+        fastadapt.train(out=run, resume=True, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "inner_schedule": "cosine"}))
+    with pytest.raises(ConfigError, match=r"config.json holds a config this version .*'inner_schedule'"):
+        fastadapt.api.run_config(run)
+
+
 def test_an_evaluation_with_another_query_count_gets_its_own_file(tmp_path):
     run = tmp_path / "run"
     fastadapt.train({**SMALL, "validation_every": 0, "threads": 1}, run, progress=False)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 from .io import read_json, write_json
 from .runtime import torch_threads
 from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
-from .training.config import Config, ConfigError, load_recipe
+from .training.config import Config, ConfigError, load_recipe, saved_config
 from .training.evaluate import evaluate_learner
 from .training.experiment import build_learner, test_source
 from .training.trainer import Trainer
@@ -38,7 +38,7 @@ def run_config(run_dir: PathLike) -> Config:
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: config.json is missing")
-    return Config.from_dict(read_json(saved))
+    return saved_config(read_json(saved), saved)
 
 
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,

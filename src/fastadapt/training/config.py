@@ -19,7 +19,7 @@ import yaml
 from ..algorithms.mamlpp import MSL_ITERATIONS
 from ..algorithms.reptile import INNER_STATES
 
-__all__ = ["Config", "ConfigError", "load_recipe", "parse_overrides", "ALGORITHMS", "DATASETS", "DEVICE_PATTERN"]
+__all__ = ["Config", "ConfigError", "load_recipe", "saved_config", "parse_overrides", "ALGORITHMS", "DATASETS", "DEVICE_PATTERN"]
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
               "matchingnet")
@@ -409,3 +409,19 @@ def load_recipe(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
         return Config.from_dict({**values, **(overrides or {})})
     except ConfigError as error:
         raise ConfigError(f"recipe {path}: {error}") from None
+
+
+def saved_config(values: Any, source: str | os.PathLike[str]) -> Config:
+    """The config a run saved in `source` (its config.json or a checkpoint), validated; keys added
+    to the library since then take their defaults. A config this version cannot read (a key it no
+    longer knows, a value it no longer allows) is a ConfigError naming the file.
+
+    Example:
+        >>> saved_config({"iterations": 10}, "run/config.json").iterations
+        10
+    """
+    try:
+        return Config.from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"{source} holds a config this version of fastadapt cannot read (made with "
+                          f"another version?): {error}") from None

@@ -30,7 +30,7 @@ from ..io import atomic_path, write_json
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors,
                          optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_checkpoint,
                          step_name)
-from .config import Config, ConfigError
+from .config import Config, ConfigError, saved_config
 from .evaluate import Estimate, evaluate_learner
 from .experiment import Experiment, build_experiment
 
@@ -229,9 +229,11 @@ class Trainer:
         if not (self.run_dir / "config.json").is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir}: no config.json (not a run directory)")
         tensors, saved, manifest = latest_checkpoint(self.checkpoints)
-        # through from_dict: keys added to the library since the run was made take their defaults (a new
-        # key's default must be the behaviour before it existed, as inner_state: fresh is)
-        made_with, now = _result_keys(Config.from_dict(saved["config"]).to_dict()), _result_keys(self.config.to_dict())
+        # keys added to the library since the run was made take their defaults (a new key's default
+        # must be the behaviour before it existed, as inner_state: fresh is)
+        checkpoint = self.checkpoints / f"{step_name(saved['step'])}.json"
+        made_with = _result_keys(saved_config(saved["config"], checkpoint).to_dict())
+        now = _result_keys(self.config.to_dict())
         if made_with != now:
             changed = sorted(k for k in made_with.keys() | now.keys() if made_with.get(k) != now.get(k))
             raise ConfigError(f"the run in {self.run_dir} was made with other settings ({', '.join(changed)}); "
