@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -58,6 +58,18 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, ep
 def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
     """`conv_bn_relu_pool` of T tasks at once: `x (T, N, C_in, H, W)`, `weight (T, C, C_in, k, k)`,
     `gamma, beta (T, C)` -> `(T, N, C, H // 2, W // 2)`, each task with its own batch statistics."""
+    return F.relu(tasks_conv_bn_pool(x, weight, gamma, beta, eps))
+
+
+def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    """`tasks_conv_bn_relu_pool` before its ReLU (which commutes with the max-pool), so a caller that
+    copies the result into another layout applies ReLU there and autograd saves one copy, not two.
+
+    Example:
+        >>> x, w, g, b = torch.rand(2, 4, 1, 8, 8), torch.randn(2, 3, 1, 3, 3), torch.ones(2, 3), torch.zeros(2, 3)
+        >>> torch.equal(F.relu(tasks_conv_bn_pool(x, w, g, b)), tasks_conv_bn_relu_pool(x, w, g, b))
+        True
+    """
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.promote_types(weight.dtype, torch.float32)
         x, weight, gamma, beta = (t.to(dtype) for t in (x, weight, gamma, beta))
@@ -78,7 +90,7 @@ def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tens
         # BatchNorm's affine map and the sign folded into one scale and shift per channel.
         scale = gamma * rstd * sign
         shift = beta - gamma * rstd * (mean_patch @ w2.transpose(1, 2)).squeeze(1)
-        out = F.relu(torch.addcmul(shift[:, None], best, scale[:, None]))
+        out = best * scale[:, None] + shift[:, None]  # (addcmul would keep a copy of best for its double backward)
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
@@ -226,10 +238,7 @@ class _PooledProduct(torch.autograd.Function):
             images = (rows.stop - rows.start) // (h * w)
             g = grad[:, rows.start // (h * w) * pooled_rows: rows.stop // (h * w) * pooled_rows]
             g = g.reshape(tasks * images, h // 2, w // 2, channels).permute(0, 3, 1, 2)
-            shape = torch.empty(tasks * images, channels, h, w, dtype=grad.dtype, device=grad.device,
-                                memory_format=torch.channels_last)
-            full = torch.ops.aten.max_pool2d_with_indices_backward(
-                g, shape, [2, 2], [2, 2], [0, 0], [1, 1], False, indices[done: done + tasks * images].long())
+            full = _Unpool.apply(g, indices[done: done + tasks * images], h, w)
             done += tasks * images
             full = full.permute(0, 2, 3, 1).reshape(tasks, -1, channels)           # (T, n*h*w, C)
             if ctx.needs_input_grad[1]:
@@ -238,6 +247,31 @@ class _PooledProduct(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_patches.append(full @ right.transpose(1, 2))
         return (torch.cat(grad_patches, 1) if ctx.needs_input_grad[0] else None), grad_right, None, None
+
+
+class _Unpool(torch.autograd.Function):
+    """max_pool2d's backward: pooled gradients `(B, C, h/2, w/2)` placed at the pooling `indices`
+    (16-bit) of a zero `(B, C, h, w)` map, channels last. Its own backward gathers at the indices,
+    so the second-order graph keeps the 16-bit indices, not a 64-bit copy (a quarter of the bytes)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pooled: Tensor, indices: Tensor, h: int, w: int) -> Tensor:  # type: ignore[override]
+        shape = torch.empty(pooled.shape[0], pooled.shape[1], h, w, dtype=pooled.dtype, device=pooled.device,
+                            memory_format=torch.channels_last)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            pooled, shape, [2, 2], [2, 2], [0, 0], [1, 1], False, indices.long())
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        positions = indices.long().flatten(2)                                          # (B, C, h/2 * w/2)
+        return grad.flatten(2).gather(2, positions).view(indices.shape), None, None, None
 
 
 def _image_chunks(patches: Tensor, right: Tensor, h: int, w: int) -> list[slice]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from .fused_block import fused_forward, reorders_on, tasks_conv_bn_relu_pool
+from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
 from .inner_loop import LossFn, Params, resolve_inner
 from .optim import InnerOptimizer
 from .split import QueryPass, check_step_weights, mixed_precision
@@ -64,11 +64,13 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         tasks, n = x.shape[:2]
         reordered = reorder and reorders_on(x)
         if reordered:
-            h = tasks_conv_bn_relu_pool(x, params["features.0.weight"], params["features.1.weight"],
-                                        params["features.1.bias"], eps)              # (T, N, C, H, W)
+            h = tasks_conv_bn_pool(x, params["features.0.weight"], params["features.1.weight"],
+                                   params["features.1.bias"], eps)                   # (T, N, C, H, W)
         else:
             h = x
         h = h.transpose(0, 1).reshape(n, tasks * h.shape[2], *h.shape[3:])          # (N, T*C, H, W)
+        if reordered:  # the block's ReLU after the copy: it and the next conv save the same tensor
+            h = F.relu(h)
         for prefix, m in layers[4 if reordered else 0:]:
             if isinstance(m, nn.Conv2d):
                 w = params[prefix + "weight"]
