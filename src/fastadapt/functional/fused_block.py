@@ -6,17 +6,17 @@ holding ~5% of the FLOPs. Its input has few channels, so the conv output's stati
 the K = C_in * 9 dimensional input patches, and the full-resolution maps need not go through
 BatchNorm and ReLU at all:
 
-- BatchNorm's per-channel affine map is monotonic (increasing where gamma/sigma >= 0), and so is
-  ReLU, so max-pool commutes with both: pool the conv output (the max, or the min where the scale
-  is negative) and normalise only the pooled quarter.
+- BatchNorm's per-channel affine map a*y + b and ReLU are monotonic, so max-pool commutes with
+  the shift b and ReLU: pool the scaled conv output a*y (the scale folded into the conv weights)
+  and add the shift and apply ReLU on the pooled quarter only.
 - Mean and variance of the conv output come from the patch mean m and covariance S (K x K):
   E[y] = w.m (+ bias, which BatchNorm removes), Var[y] = w' S w.
 
 The conv output is computed a few images at a time and max-pooled at once; only the patches and
 16-bit pooling indices are kept for the backward (the full-resolution output, 15 MB per Omniglot
 query set, never exists whole). The backward is made of differentiable torch ops, so autograd
-differentiates the block to any order (second-order MAML's inner loop included). Exact in exact arithmetic (the float64 tests compare it with PyTorch's layers to
-1e-12); in floating point a max-pool tie PyTorch breaks one way may break the other, as between
+differentiates the block to any order (second-order MAML's inner loop included). Exact in exact
+arithmetic (the float64 tests compare it with PyTorch's layers to 1e-12); in floating point a max-pool tie PyTorch breaks one way may break the other, as between
 any two correct implementations.
 """
 
@@ -81,16 +81,16 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         covariance = centred.transpose(1, 2) @ centred / patches.shape[1]             # (T, K, K)
         w2 = weight.reshape(tasks, channels, -1)                                      # (T, C, K)
         rstd = (((w2 @ covariance) * w2).sum(2) + eps).rsqrt()                      # (T, C): 1 / sigma of the conv output
-        sign = torch.where(gamma * rstd < 0, -1.0, 1.0).to(dtype).detach()
-        # The conv output times the sign of BatchNorm's scale; the pool picks each window's winner.
-        # (A contiguous K x C right factor: its gradient is then patches' @ grad, 5-20x faster
-        # here than the transposed product autograd picks for a transposed view.)
-        right = (w2 * sign[..., None]).transpose(1, 2).contiguous()                  # (T, K, C)
+        scale = gamma * rstd                                                          # BatchNorm's per-channel scale
+        # The pool picks each window's winner of the scaled conv output (its max, whatever the
+        # scale's sign); the shift and ReLU come after, on the pooled quarter. The scale lives in
+        # the product's right factor, so no full- or pooled-resolution product is kept for its
+        # gradient. (A contiguous K x C right factor: its gradient is then patches' @ grad, 5-20x
+        # faster here than the transposed product autograd picks for a transposed view.)
+        right = (w2 * scale[..., None]).transpose(1, 2).contiguous()                 # (T, K, C)
         best = _pooled_product(patches, right, h, w)                                  # (T, N*H/2*W/2, C)
-        # BatchNorm's affine map and the sign folded into one scale and shift per channel.
-        scale = gamma * rstd * sign
-        shift = beta - gamma * rstd * (mean_patch @ w2.transpose(1, 2)).squeeze(1)
-        out = best * scale[:, None] + shift[:, None]  # (addcmul would keep a copy of best for its double backward)
+        shift = beta - scale * (mean_patch @ w2.transpose(1, 2)).squeeze(1)
+        out = best + shift[:, None]
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
