@@ -82,15 +82,13 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         w2 = weight.reshape(tasks, channels, -1)                                      # (T, C, K)
         rstd = (((w2 @ covariance) * w2).sum(2) + eps).rsqrt()                      # (T, C): 1 / sigma of the conv output
         scale = gamma * rstd                                                          # BatchNorm's per-channel scale
-        # The pool picks each window's winner of the scaled conv output (its max, whatever the
-        # scale's sign); the shift and ReLU come after, on the pooled quarter. The scale lives in
-        # the product's right factor, so no full- or pooled-resolution product is kept for its
-        # gradient. (A contiguous K x C right factor: its gradient is then patches' @ grad, 5-20x
-        # faster here than the transposed product autograd picks for a transposed view.)
+        # The pool picks each window's winner of the scaled, centred conv output (its max, whatever
+        # the scale's sign); BatchNorm's shift and the ReLU come after, on the pooled quarter. The
+        # scale lives in the right factor, so no product is kept for its gradient. (A contiguous K x C right factor: its
+        # gradient is then patches' @ grad, 5-20x faster here than the transposed product autograd
+        # picks for a transposed view.)
         right = (w2 * scale[..., None]).transpose(1, 2).contiguous()                 # (T, K, C)
-        best = _pooled_product(patches, right, h, w)                                  # (T, N*H/2*W/2, C)
-        shift = beta - scale * (mean_patch @ w2.transpose(1, 2)).squeeze(1)
-        out = best + shift[:, None]
+        out = _pooled_product(centred, right, h, w) + beta[:, None]                   # (T, N*H/2*W/2, C)
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
