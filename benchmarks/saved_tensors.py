@@ -60,6 +60,7 @@ def saved_by_support_phase(steps: int, group: int) -> collections.Counter:
 
 
 def rows(tally: collections.Counter, top: int) -> Iterator[str]:
+    """Markdown table rows of the `top` largest entries, in KB."""
     for (graph, dtype, shape, line), size in tally.most_common(top):
         yield f"| {size / 2**10:.0f} | {graph} | {dtype} {list(shape)} | {line} |"
 

@@ -12,12 +12,13 @@ BatchNorm and ReLU at all:
 - Mean and variance of the conv output come from the patch mean m and covariance S (K x K):
   E[y] = w.m (+ bias, which BatchNorm removes), Var[y] = w' S w.
 
-The conv output is computed a few images at a time and max-pooled at once; only the patches and
-16-bit pooling indices are kept for the backward (the full-resolution output, 15 MB per Omniglot
+The conv output is computed a few images at a time and max-pooled at once; only the (centred)
+patches and 16-bit pooling indices are kept for the backward (the full-resolution output, 15 MB per Omniglot
 query set, never exists whole). The backward is made of differentiable torch ops, so autograd
 differentiates the block to any order (second-order MAML's inner loop included). Exact in exact
-arithmetic (the float64 tests compare it with PyTorch's layers to 1e-12); in floating point a max-pool tie PyTorch breaks one way may break the other, as between
-any two correct implementations.
+arithmetic (the float64 tests compare it with PyTorch's layers to 1e-12); in floating point a
+max-pool tie PyTorch breaks one way may break the other, as between any two correct
+implementations.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused",
+           "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -84,9 +86,9 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         scale = gamma * rstd                                                          # BatchNorm's per-channel scale
         # The pool picks each window's winner of the scaled, centred conv output (its max, whatever
         # the scale's sign); BatchNorm's shift and the ReLU come after, on the pooled quarter. The
-        # scale lives in the right factor, so no product is kept for its gradient. (A contiguous K x C right factor: its
-        # gradient is then patches' @ grad, 5-20x faster here than the transposed product autograd
-        # picks for a transposed view.)
+        # scale lives in the right factor, so no product is kept for its gradient. (A contiguous
+        # K x C right factor: its gradient is then patches' @ grad, 5-20x faster here than the
+        # transposed product autograd picks for a transposed view.)
         right = (w2 * scale[..., None]).transpose(1, 2).contiguous()                 # (T, K, C)
         out = _pooled_product(centred, right, h, w) + beta[:, None]                   # (T, N*H/2*W/2, C)
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)

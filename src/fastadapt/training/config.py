@@ -19,7 +19,8 @@ import yaml
 from ..algorithms.mamlpp import MSL_ITERATIONS
 from ..algorithms.reptile import INNER_STATES
 
-__all__ = ["Config", "ConfigError", "load_recipe", "saved_config", "parse_overrides", "ALGORITHMS", "DATASETS", "DEVICE_PATTERN"]
+__all__ = ["Config", "ConfigError", "load_recipe", "saved_config", "parse_overrides", "ALGORITHMS", "DATASETS",
+           "DEVICE_PATTERN"]
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
               "matchingnet")
