@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused",
-           "is_fusable", "reorders_on"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -45,7 +44,8 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, ep
 
     The conv bias is left out: BatchNorm with batch statistics removes it exactly (its gradient
     is zero). Runs in float32 (or float64) also under bf16 autocast: the work is memory-bound
-    and the statistics need the precision. `tasks_conv_bn_relu_pool` is the same for T weight sets.
+    and the statistics need the precision. `tasks_conv_bn_pool` is the same for T weight sets,
+    before the ReLU.
 
     Example:
         >>> x, w = torch.rand(4, 1, 8, 8), torch.randn(3, 1, 3, 3)
@@ -54,22 +54,19 @@ def conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, ep
         >>> torch.allclose(conv_bn_relu_pool(x, w, g, b), ref, atol=1e-5)
         True
     """
-    return tasks_conv_bn_relu_pool(x[None], weight[None], gamma[None], beta[None], eps)[0]
-
-
-def tasks_conv_bn_relu_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
-    """`conv_bn_relu_pool` of T tasks at once: `x (T, N, C_in, H, W)`, `weight (T, C, C_in, k, k)`,
-    `gamma, beta (T, C)` -> `(T, N, C, H // 2, W // 2)`, each task with its own batch statistics."""
-    return F.relu(tasks_conv_bn_pool(x, weight, gamma, beta, eps))
+    return F.relu(tasks_conv_bn_pool(x[None], weight[None], gamma[None], beta[None], eps)[0])
 
 
 def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
-    """`tasks_conv_bn_relu_pool` before its ReLU (which commutes with the max-pool), so a caller that
-    copies the result into another layout applies ReLU there and autograd saves one copy, not two.
+    """`conv_bn_relu_pool` of T tasks at once, before its ReLU (which commutes with the max-pool):
+    `x (T, N, C_in, H, W)`, `weight (T, C, C_in, k, k)`, `gamma, beta (T, C)` ->
+    `(T, N, C, H // 2, W // 2)`, each task with its own batch statistics. A caller that copies the
+    result into another layout applies the ReLU there, so autograd saves one copy, not two.
 
     Example:
         >>> x, w, g, b = torch.rand(2, 4, 1, 8, 8), torch.randn(2, 3, 1, 3, 3), torch.ones(2, 3), torch.zeros(2, 3)
-        >>> torch.equal(F.relu(tasks_conv_bn_pool(x, w, g, b)), tasks_conv_bn_relu_pool(x, w, g, b))
+        >>> second = F.relu(tasks_conv_bn_pool(x, w, g, b))[1]
+        >>> torch.allclose(second, conv_bn_relu_pool(x[1], w[1], g[1], b[1]), atol=1e-5)
         True
     """
     with torch.autocast(x.device.type, enabled=False):

@@ -231,8 +231,7 @@ class Trainer:
         tensors, saved, manifest = latest_checkpoint(self.checkpoints)
         # keys added to the library since the run was made take their defaults (a new key's default
         # must be the behaviour before it existed, as inner_state: fresh is)
-        checkpoint = self.checkpoints / f"{step_name(saved['step'])}.json"
-        made_with = _result_keys(saved_config(saved["config"], checkpoint).to_dict())
+        made_with = _result_keys(saved_config(saved["config"], manifest).to_dict())
         now = _result_keys(self.config.to_dict())
         if made_with != now:
             changed = sorted(k for k in made_with.keys() | now.keys() if made_with.get(k) != now.get(k))
