@@ -1,6 +1,7 @@
 """The fast execution paths give the same numbers as PyTorch's own layers and the reference loop.
 
 - the reordered first conv block (functional.fused_block), to second order;
+- BatchNorm -> ReLU -> max-pool pooled before the ReLU (functional.norm_relu_pool), bit for bit;
 - the task-batched support phase (functional.task_batched);
 - bf16 autocast mode, torch.compile'd query pass, glibc allocator setting.
 The float64 meta-gradient comparison of every learner on every path is in test_meta_gradients.py.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from fastadapt import MAML, TaskBatch
 from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, unfused
+from fastadapt.functional.norm_relu_pool import norm_relu_pool
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import Conv4
 from fastadapt.runtime import keep_freed_memory
@@ -42,6 +44,54 @@ def test_reordered_block_matches_pytorch_layers_to_second_order(channels, size, 
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
     for mine, theirs in zip(first_and_second(out), first_and_second(ref)):
         assert (mine - theirs).norm() <= 1e-11 * theirs.norm()
+
+
+def _norm_relu_pool_inputs(dtype, size, channels_last):
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(6, 8, size, size, generator=g, dtype=dtype)
+    x[:, :, : size // 2, : size // 2] = 0.5  # a constant region: ties in every pooling window there
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma = (torch.rand(8, generator=g, dtype=dtype) * 3 - 1.5).requires_grad_()  # negative scales too
+    beta = torch.randn(8, generator=g, dtype=dtype, requires_grad=True)
+    return x.requires_grad_(), gamma, beta, torch.randn(8, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size,channels_last", [(14, False), (14, True), (7, False), (3, True)])
+def test_pooling_before_the_relu_gives_pytorch_layers_numbers_bit_for_bit(dtype, size, channels_last):
+    x, gamma, beta, probe = _norm_relu_pool_inputs(dtype, size, channels_last)
+
+    def first_and_second(out):
+        gx, gg, gb = torch.autograd.grad((out ** 3).sum(), [x, gamma, beta], create_graph=True)
+        return [gx, gg, gb], torch.autograd.grad((gg * probe).sum() + (gx ** 2).sum(), [x, gamma, beta])
+
+    ref = F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2)
+    out = norm_relu_pool(x, gamma, beta)
+    assert torch.equal(out, ref)
+    (mine, mine2), (theirs, theirs2) = first_and_second(out), first_and_second(ref)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    for a, b in zip(mine2, theirs2):
+        assert (a - b).norm() <= 1e-12 * b.norm()
+    assert mine[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_pooling_before_the_relu_keeps_one_full_resolution_map_for_the_backward():
+    x, gamma, beta, _ = _norm_relu_pool_inputs(torch.float32, 14, False)
+    full = x.numel() * x.element_size()
+
+    def saved_bytes(block):
+        kept = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t),
+                                                      lambda t: t):
+            block().sum()
+        return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+    ours = saved_bytes(lambda: norm_relu_pool(x, gamma, beta))
+    pytorch = saved_bytes(lambda: F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2))
+    # BatchNorm's input, plus the pooled output (the next layer's input) and 16-bit indices; PyTorch's
+    # layers keep the ReLU's full-resolution output too
+    assert ours < 1.5 * full < 2 * full < pytorch
 
 
 def test_reordered_block_keeps_float32_under_bf16_autocast():

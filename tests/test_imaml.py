@@ -199,7 +199,7 @@ def test_memory_does_not_grow_with_inner_steps():
     imaml, maml = peaks["imaml"], peaks["maml"]
     print("\npeak MB above the pre-step RSS: iMAML", {k: round(v) for k, v in imaml.items()},
           "second-order MAML", {k: round(v) for k, v in maml.items()})
-    assert maml[20] > maml[5] + 150  # the measure sees a growing graph (about 18 MB per MAML step)
+    assert maml[20] > maml[5] + 75  # the measure sees a growing graph (about 10 MB per MAML step)
     assert max(imaml.values()) < min(imaml.values()) + 40  # flat: no growth with 10x the inner steps
     assert imaml[50] < maml[5]
 

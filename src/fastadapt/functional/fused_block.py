@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .norm_relu_pool import is_norm_relu_pool, narrow_indices, norm_relu_pool, unpool
+
 __all__ = ["conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
@@ -122,6 +124,7 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
     Recognised: a `fastadapt.nn.Conv4` (a `features` Sequential then an optional `head`) whose
     first block is Conv2d (odd square kernel, stride 1, same zero padding, no groups or dilation,
     C_in * k * k <= 32) -> BatchNorm2d (affine, batch statistics) -> ReLU -> MaxPool2d(2).
+    Later BatchNorm -> ReLU -> MaxPool2d(2) blocks run as `functional.norm_relu_pool`.
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -162,12 +165,21 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
     def run(params: dict[str, Tensor], x: Tensor) -> Tensor:
         if not reorders_on(x):
             return functional_call(model, params, (x,), strict=False)
-        first = [params[n] if n in params else model.get_parameter(n)
-                 for n in ("features.0.weight", "features.1.weight", "features.1.bias")]
-        h = conv_bn_relu_pool(x, *first, eps)
-        for prefix, module in rest:
+
+        def get(name: str) -> Tensor:
+            return params[name] if name in params else model.get_parameter(name)
+
+        h = conv_bn_relu_pool(x, *(get(n) for n in ("features.0.weight", "features.1.weight", "features.1.bias")), eps)
+        i = 0
+        while i < len(rest):
+            prefix, module = rest[i]
+            if is_norm_relu_pool([m for _, m in rest[i:i + 3]]):
+                h = norm_relu_pool(h, get(prefix + "weight"), get(prefix + "bias"), module.eps)
+                i += 3
+                continue
             local = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
             h = functional_call(module, local, (h,)) if local else module(h)
+            i += 1
         return h
 
     return run
@@ -201,9 +213,7 @@ def _pool_chunk(product: Tensor, h: int, w: int, indices: bool) -> tuple[Tensor,
     if not indices:
         return F.max_pool2d(images, 2).permute(0, 2, 3, 1).reshape(tasks, -1, channels), None
     pooled, where = F.max_pool2d(images, 2, return_indices=True)
-    # Positions within an image plane fit 16 bits for planes up to 181 x 181 (a quarter of int64).
-    small = where.to(torch.int16 if h * w <= torch.iinfo(torch.int16).max else torch.int32)
-    return pooled.permute(0, 2, 3, 1).reshape(tasks, -1, channels), small
+    return pooled.permute(0, 2, 3, 1).reshape(tasks, -1, channels), narrow_indices(where, h * w)
 
 
 class _PooledProduct(torch.autograd.Function):
@@ -235,7 +245,7 @@ class _PooledProduct(torch.autograd.Function):
             images = (rows.stop - rows.start) // (h * w)
             g = grad[:, rows.start // (h * w) * pooled_rows: rows.stop // (h * w) * pooled_rows]
             g = g.reshape(tasks * images, h // 2, w // 2, channels).permute(0, 3, 1, 2)
-            full = _Unpool.apply(g, indices[done: done + tasks * images], h, w)
+            full = unpool(g, indices[done: done + tasks * images], (h, w), channels_last=True)
             done += tasks * images
             full = full.permute(0, 2, 3, 1).reshape(tasks, -1, channels)           # (T, n*h*w, C)
             if ctx.needs_input_grad[1]:
@@ -244,31 +254,6 @@ class _PooledProduct(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_patches.append(full @ right.transpose(1, 2))
         return (torch.cat(grad_patches, 1) if ctx.needs_input_grad[0] else None), grad_right, None, None
-
-
-class _Unpool(torch.autograd.Function):
-    """max_pool2d's backward: pooled gradients `(B, C, h/2, w/2)` placed at the pooling `indices`
-    (16-bit) of a zero `(B, C, h, w)` map, channels last. Its own backward gathers at the indices,
-    so the second-order graph keeps the 16-bit indices, not a 64-bit copy (a quarter of the bytes)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(pooled: Tensor, indices: Tensor, h: int, w: int) -> Tensor:  # type: ignore[override]
-        shape = torch.empty(pooled.shape[0], pooled.shape[1], h, w, dtype=pooled.dtype, device=pooled.device,
-                            memory_format=torch.channels_last)
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            pooled, shape, [2, 2], [2, 2], [0, 0], [1, 1], False, indices.long())
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        (indices,) = ctx.saved_tensors
-        positions = indices.long().flatten(2)                                          # (B, C, h/2 * w/2)
-        return grad.flatten(2).gather(2, positions).view(indices.shape), None, None, None
 
 
 def _image_chunks(patches: Tensor, right: Tensor, h: int, w: int) -> list[slice]:

@@ -24,6 +24,7 @@ from torch.func import vmap
 from ..data.episodes import TaskBatch
 from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
 from .inner_loop import LossFn, Params, resolve_inner
+from .norm_relu_pool import is_norm_relu_pool, norm_relu_pool
 from .optim import InnerOptimizer
 from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
@@ -71,8 +72,15 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         h = h.transpose(0, 1).reshape(n, tasks * h.shape[2], *h.shape[3:])          # (N, T*C, H, W)
         if reordered:  # the block's ReLU after the copy: it and the next conv save the same tensor
             h = F.relu(h)
-        for prefix, m in layers[4 if reordered else 0:]:
-            if isinstance(m, nn.Conv2d):
+        rest = layers[4 if reordered else 0:]
+        i = 0
+        while i < len(rest):
+            prefix, m = rest[i]
+            i += 1
+            if reorders_on(x) and is_norm_relu_pool([module for _, module in rest[i - 1:i + 2]]):
+                h = norm_relu_pool(h, params[prefix + "weight"].reshape(-1), params[prefix + "bias"].reshape(-1), m.eps)
+                i += 2
+            elif isinstance(m, nn.Conv2d):
                 w = params[prefix + "weight"]
                 bias = params[prefix + "bias"].reshape(-1) if m.bias is not None else None
                 h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), bias, m.stride, m.padding, m.dilation, groups=tasks)
