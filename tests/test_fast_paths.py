@@ -18,7 +18,7 @@ from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, u
 from fastadapt.functional.norm_relu_pool import norm_relu_pool
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import Conv4
-from fastadapt.runtime import keep_freed_memory
+from fastadapt.runtime import keep_freed_memory, torch_threads
 
 
 def _reference_block(x, w, b, gamma, beta):
@@ -151,6 +151,29 @@ def test_bf16_mode_gives_the_fp32_meta_gradient_to_bf16_precision_and_keeps_fp32
     assert (mixed - exact).norm() < 0.25 * exact.norm()
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
         MAML(model, precision="fp16")
+
+
+@pytest.mark.parametrize("options", [dict(inner_steps=2), dict(inner_steps=2, first_order=True),
+                                     dict(inner_steps=2, checkpoint_inner_loop=True),
+                                     dict(inner_steps=2, inner_optimizer="adam", per_step_bn_weights=True)])
+def test_task_groups_in_threads_give_the_one_at_a_time_meta_gradient(options):
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, ways=5, hidden=8, image_size=28).double()
+    batch = _batch(tasks=6)
+    batch = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y)
+    threads = torch.get_num_threads()
+    with torch_threads(1):  # as each worker runs: then no rounding differs, and any race would show
+        one_at_a_time = _meta_grad(MAML(model, 0.4, task_group=1, **options), batch)
+    in_threads = _meta_grad(MAML(model, 0.4, task_group=1, task_workers=3, **options), batch)
+    assert torch.equal(in_threads, one_at_a_time)
+    assert torch.get_num_threads() == threads  # the caller's thread count is back
+
+
+def test_task_workers_are_checked():
+    with pytest.raises(ValueError, match="task_workers must be an integer >= 1, got 0"):
+        MAML(Conv4.omniglot(ways=5), task_workers=0)
+    with pytest.raises(ValueError, match="compile=True"):
+        MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True)
 
 
 def test_compiled_query_pass_gives_the_eager_meta_gradient():

@@ -10,14 +10,19 @@ on one thread; benchmarks/README.md and docs/performance.md have the end-to-end 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import sys
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-__all__ = ["keep_freed_memory", "torch_threads"]
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = ["keep_freed_memory", "torch_threads", "map_in_threads"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _INT_MAX = 2**31 - 1
@@ -65,3 +70,26 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def map_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """`[fn(item) for item in items]`, run by `workers` Python threads at once, each with one
+    intra-op torch thread (restored after); the caller's context variables are seen by every call.
+
+    On a 2-core CPU two small independent computations (say, meta-gradients of two task groups)
+    this way beat one after the other with two intra-op threads, whose parallel regions are too
+    short to keep both cores busy (docs/performance.md). Results come back in `items`' order.
+
+    Example:
+        >>> map_in_threads(lambda x: x * 2, [1, 2, 3], workers=2)
+        [2, 4, 6]
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+
+    def call(item: T, context: contextvars.Context) -> R:
+        torch.set_num_threads(1)  # (OpenMP's thread count is per calling thread)
+        return context.run(fn, item)
+
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(call, items, [contextvars.copy_context() for _ in items]))

@@ -103,6 +103,10 @@ class GradientLearner(nn.Module):
             2 on the CPU (3-7% slower than 4 with 25-30% less peak memory,
             benchmarks/memory_vs_steps.py), the whole meta-batch on a GPU (4.4x faster than task
             by task with 1 inner step and 11x with 5 on an H100, benchmarks/gpu_throughput.py).
+        task_workers: on the CPU, run this many task groups at once in Python threads with one
+            intra-op thread each (`runtime.map_in_threads`); the same result. On 2 cores 2 workers
+            were 1.5-1.6x faster than one group at a time with 2 intra-op threads (second-order
+            MAML, Conv4 Omniglot 5w1s, docs/performance.md), with that many groups' graphs in memory.
         inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
             `inner_lr` (or the learned rates); or a function `rate -> InnerOptimizer`
             (`functional.optim`). Its state starts afresh for every task.
@@ -146,6 +150,7 @@ class GradientLearner(nn.Module):
         precision: Precision = "fp32",
         checkpoint_inner_loop: bool = False,
         task_group: int | None = None,
+        task_workers: int = 1,
         inner_optimizer: str | Callable[[LearningRate], InnerOptimizer] = "sgd",
         per_step_inner_lr: bool = False,
         multi_step_loss_iterations: int = 0,
@@ -233,6 +238,11 @@ class GradientLearner(nn.Module):
                                        or task_group < 1):
             raise ValueError(f"task_group must be an integer >= 1 or None, got {task_group!r}")
         self.task_group = task_group
+        if isinstance(task_workers, bool) or not isinstance(task_workers, int) or task_workers < 1:
+            raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
+        if task_workers > 1 and compile:
+            raise ValueError("task_workers > 1 runs task groups in threads, which compile=True does not support")
+        self.task_workers = task_workers
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
         self._task_batched = task_batched_forward(model)
 
@@ -428,7 +438,8 @@ class GradientLearner(nn.Module):
             first_order=first_order, query_pass=self._query_pass, wrt=trainable,
             autocast_dtype=_AUTOCAST[self.precision], group=self._group_size(batch),
             checkpoint=self.checkpoint_inner_loop,
-            step_params=hooks.params if hooks is not None else None, step_weights=weights, **self._inner_spec())
+            step_params=hooks.params if hooks is not None else None, step_weights=weights,
+            workers=self.task_workers if batch.support_x.device.type == "cpu" else 1, **self._inner_spec())
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()

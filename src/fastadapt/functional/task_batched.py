@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
+from ..runtime import map_in_threads
 from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
 from .inner_loop import LossFn, Params, resolve_inner
 from .norm_relu_pool import is_norm_relu_pool, norm_relu_pool
@@ -140,6 +141,7 @@ def batched_meta_gradients(
     names: Sequence[str] | None = None,
     step_params: Callable[[int], Params] | None = None,
     step_weights: Sequence[float] | None = None,
+    workers: int = 1,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
 
@@ -156,6 +158,10 @@ def batched_meta_gradients(
     forwards at θ_s (per-step BatchNorm weights), and `step_weights` (w_1 .. w_steps) makes the
     query loss the multi-step loss `sum_i w_i L_q(θ_i)`, as in `functional.split`. The
     checkpointed form supports plain SGD only, without either.
+
+    With `workers` > 1, that many groups run at once in Python threads with one intra-op thread
+    each (`runtime.map_in_threads`); the sum over groups keeps their order, so the result is the
+    same. Memory: that many groups' graphs are alive at once.
     """
     names, optimizer = resolve_inner(step_sizes, optimizer, names)
     if checkpoint and not first_order:
@@ -169,19 +175,19 @@ def batched_meta_gradients(
         if clash:
             raise ValueError(f"step_params replace parameter(s) {clash}, which the inner loop adapts")
     weights = check_step_weights(step_weights, steps)
+    checkpointed = checkpoint and not first_order
+
+    def one_group(part: TaskBatch):
+        if checkpointed:
+            return _group_checkpointed(run, params, part, loss_fn, steps, step_sizes, names, first_order, query_pass,
+                                       wrt, autocast_dtype, len(batch))
+        return _group_meta_gradients(run, params, part, loss_fn, steps, optimizer, names, first_order, query_pass,
+                                     wrt, autocast_dtype, len(batch), step_params, weights)
+
     totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
-    checkpointed = checkpoint and not first_order
-    for part in batch.split(group):
-        if checkpointed:
-            grads, part_outputs, part_query, part_support = _group_checkpointed(
-                run, params, part, loss_fn, steps, step_sizes, names, first_order, query_pass, wrt, autocast_dtype,
-                len(batch))
-        else:
-            grads, part_outputs, part_query, part_support = _group_meta_gradients(
-                run, params, part, loss_fn, steps, optimizer, names, first_order, query_pass, wrt, autocast_dtype,
-                len(batch), step_params, weights)
+    for grads, part_outputs, part_query, part_support in map_in_threads(one_group, batch.split(group), workers):
         totals = add_gradients(totals, grads)
         outputs += part_outputs
         query_losses.append(part_query)
