@@ -38,9 +38,10 @@ def plain_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool)
     return step
 
 
-def fastadapt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool, precision: str = "fp32") -> Step:
+def fastadapt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool, precision: str = "fp32",
+                   task_workers: int = 1) -> Step:
     """fastadapt: `MAML(...).meta_loss(batch)`, then `backward()`."""
-    learner = MAML(model, inner_lr, steps, first_order=first_order, precision=precision)
+    learner = MAML(model, inner_lr, steps, first_order=first_order, precision=precision, task_workers=task_workers)
 
     def step(batch: TaskBatch) -> None:
         learner.meta_loss(batch)[0].backward()
@@ -51,6 +52,16 @@ def fastadapt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: b
 def fastadapt_maml_bf16(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
     """fastadapt's opt-in mixed precision: bf16 autocast, float32 weights and meta-gradients."""
     return fastadapt_maml(model, inner_lr, steps, first_order, precision="bf16")
+
+
+def fastadapt_maml_workers(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
+    """fastadapt with two task groups at a time in threads (`task_workers=2`, opt-in: more memory)."""
+    return fastadapt_maml(model, inner_lr, steps, first_order, task_workers=2)
+
+
+def fastadapt_maml_workers_bf16(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
+    """`task_workers=2` and bf16 autocast."""
+    return fastadapt_maml(model, inner_lr, steps, first_order, precision="bf16", task_workers=2)
 
 
 def learn2learn_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bool) -> Step:
@@ -140,6 +151,8 @@ def torchopt_maml(model: nn.Module, inner_lr: float, steps: int, first_order: bo
 MAML_CONTENDERS: dict[str, Callable[[nn.Module, float, int, bool], Step]] = {
     "fastadapt": fastadapt_maml,
     "fastadapt bf16": fastadapt_maml_bf16,
+    "fastadapt 2 workers": fastadapt_maml_workers,
+    "fastadapt 2 workers bf16": fastadapt_maml_workers_bf16,
     "learn2learn": learn2learn_maml,
     "higher": higher_maml,
     "torchopt": torchopt_maml,
