@@ -174,6 +174,8 @@ def test_task_workers_are_checked():
         MAML(Conv4.omniglot(ways=5), task_workers=0)
     with pytest.raises(ValueError, match="compile=True"):
         MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True)
+    with pytest.raises(ValueError, match="needs a fastadapt Conv4 with max-pool blocks"):
+        MAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
 
 
 def test_compiled_query_pass_gives_the_eager_meta_gradient():

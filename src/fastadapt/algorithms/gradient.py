@@ -40,6 +40,7 @@ from torch.func import vmap
 from ..data.episodes import TaskBatch
 from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
                           mixed_precision, split_meta_gradients)
+from ..functional.fused_block import fused_forward
 from ..functional.inner_loop import StepHooks
 from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
@@ -105,8 +106,9 @@ class GradientLearner(nn.Module):
             by task with 1 inner step and 11x with 5 on an H100, benchmarks/gpu_throughput.py).
         task_workers: on the CPU, run this many task groups at once in Python threads with one
             intra-op thread each (`runtime.map_in_threads`); the same result. On 2 cores 2 workers
-            were 1.5-1.6x faster than one group at a time with 2 intra-op threads (second-order
+            were 1.2-1.6x faster than one group at a time with 2 intra-op threads (second-order
             MAML, Conv4 Omniglot 5w1s, docs/performance.md), with that many groups' graphs in memory.
+            Needs a `fastadapt.nn.Conv4` with max-pool blocks (the forward that is thread-safe).
         inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
             `inner_lr` (or the learned rates); or a function `rate -> InnerOptimizer`
             (`functional.optim`). Its state starts afresh for every task.
@@ -242,6 +244,9 @@ class GradientLearner(nn.Module):
             raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
         if task_workers > 1 and compile:
             raise ValueError("task_workers > 1 runs task groups in threads, which compile=True does not support")
+        if task_workers > 1 and fused_forward(model) is None:  # the other forwards use functional_call
+            raise ValueError(f"task_workers > 1 needs a fastadapt Conv4 with max-pool blocks (its forward is "
+                             f"thread-safe), got {type(model).__name__}")
         self.task_workers = task_workers
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
         self._task_batched = task_batched_forward(model)

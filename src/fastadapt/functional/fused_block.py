@@ -186,14 +186,16 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
 
 def _layer(module: nn.Module, prefix: str, get: Callable[[str], Tensor], params: dict[str, Tensor],
            h: Tensor) -> Tensor:
-    """One later layer of `_build`'s forward with `params`. Conv2d and Linear run as functions of
-    their weights rather than through `functional_call`, which swaps the module's own parameters
-    and so cannot serve two threads at once (`runtime.map_in_threads`)."""
+    """One later layer of `_build`'s forward with `params`. Conv2d, Linear and BatchNorm (batch
+    statistics) run as functions of their weights rather than through `functional_call`, which swaps
+    the module's own parameters and so cannot serve two threads at once (`runtime.map_in_threads`)."""
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
         bias = get(prefix + "bias") if module.bias is not None else None
         return F.conv2d(h, get(prefix + "weight"), bias, module.stride, module.padding, module.dilation, module.groups)
     if isinstance(module, nn.Linear):
         return F.linear(h, get(prefix + "weight"), get(prefix + "bias") if module.bias is not None else None)
+    if isinstance(module, nn.BatchNorm2d) and module.affine and not module.track_running_stats:
+        return F.batch_norm(h, None, None, get(prefix + "weight"), get(prefix + "bias"), True, 0.0, module.eps)
     local = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
     return functional_call(module, local, (h,)) if local else module(h)
 
