@@ -282,15 +282,11 @@ def is_fusable(block: list[nn.Module]) -> bool:
     """True for [Conv2d, BatchNorm2d, ReLU, MaxPool2d(2)] modules that `conv_bn_relu_pool` computes."""
     if len(block) != 4:
         return False
-    conv, norm, act, pool = block
+    conv = block[0]
     return (
         isinstance(conv, nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
         and conv.in_channels * conv.kernel_size[0] ** 2 <= _MAX_PATCH
         and conv.stride == (1, 1) and conv.padding == (conv.kernel_size[0] // 2,) * 2 and conv.dilation == (1, 1)
         and conv.groups == 1 and conv.padding_mode == "zeros"
-        and isinstance(norm, nn.BatchNorm2d) and norm.affine and not norm.track_running_stats
-        and type(act) is nn.ReLU
-        and isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-        and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-        and not pool.return_indices
+        and is_norm_relu_pool(block[1:])
     )

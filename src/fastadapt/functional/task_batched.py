@@ -74,11 +74,12 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         if reordered:  # the block's ReLU after the copy: it and the next conv save the same tensor
             h = F.relu(h)
         rest = layers[4 if reordered else 0:]
+        on_cpu = reorders_on(x)
         i = 0
         while i < len(rest):
             prefix, m = rest[i]
             i += 1
-            if reorders_on(x) and is_norm_relu_pool([module for _, module in rest[i - 1:i + 2]]):
+            if on_cpu and is_norm_relu_pool([module for _, module in rest[i - 1:i + 2]]):
                 h = norm_relu_pool(h, params[prefix + "weight"].reshape(-1), params[prefix + "bias"].reshape(-1), m.eps)
                 i += 2
             elif isinstance(m, nn.Conv2d):
