@@ -1,7 +1,7 @@
 """The fast execution paths give the same numbers as PyTorch's own layers and the reference loop.
 
 - the reordered first conv block (functional.fused_block), to second order;
-- BatchNorm -> ReLU -> max-pool pooled before the ReLU (functional.norm_relu_pool), bit for bit;
+- BatchNorm -> ReLU -> max-pool pooled before the ReLU (functional.norm_relu_pool);
 - the task-batched support phase (functional.task_batched);
 - bf16 autocast mode, torch.compile'd query pass, glibc allocator setting.
 The float64 meta-gradient comparison of every learner on every path is in test_meta_gradients.py.
@@ -59,21 +59,26 @@ def _norm_relu_pool_inputs(dtype, size, channels_last):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("size,channels_last", [(14, False), (14, True), (7, False), (3, True)])
-def test_pooling_before_the_relu_gives_pytorch_layers_numbers_bit_for_bit(dtype, size, channels_last):
+def test_pooling_before_the_relu_gives_pytorch_layers_numbers(dtype, size, channels_last):
+    """Output and create_graph gradients bit for bit; first-order gradients (BatchNorm's reductions
+    over the pooling winners only) and second order to rounding."""
     x, gamma, beta, probe = _norm_relu_pool_inputs(dtype, size, channels_last)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
 
-    def first_and_second(out):
+    def gradients(out):
+        first = torch.autograd.grad((out ** 3).sum(), [x, gamma, beta], retain_graph=True)
         gx, gg, gb = torch.autograd.grad((out ** 3).sum(), [x, gamma, beta], create_graph=True)
-        return [gx, gg, gb], torch.autograd.grad((gg * probe).sum() + (gx ** 2).sum(), [x, gamma, beta])
+        return first, [gx, gg, gb], torch.autograd.grad((gg * probe).sum() + (gx ** 2).sum(), [x, gamma, beta])
 
     ref = F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2)
     out = norm_relu_pool(x, gamma, beta)
     assert torch.equal(out, ref)
-    (mine, mine2), (theirs, theirs2) = first_and_second(out), first_and_second(ref)
+    (first, mine, mine2), (first_ref, theirs, theirs2) = gradients(out), gradients(ref)
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
-    for a, b in zip(mine2, theirs2):
-        assert (a - b).norm() <= 1e-12 * b.norm()
-    assert mine[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for a, b in [*zip(first, first_ref), *zip(mine2, theirs2)]:
+        assert (a - b).norm() <= tolerance * b.norm()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert mine[0].is_contiguous(memory_format=layout) and first[0].is_contiguous(memory_format=layout)
 
 
 def test_pooling_before_the_relu_keeps_one_full_resolution_map_for_the_backward():

@@ -12,9 +12,10 @@ BatchNorm and ReLU at all:
 - Mean and variance of the conv output come from the patch mean m and covariance S (K x K):
   E[y] = w.m (+ bias, which BatchNorm removes), Var[y] = w' S w.
 
-The conv output is computed a few images at a time and max-pooled at once; only the (centred)
-patches and 16-bit pooling indices are kept for the backward (the full-resolution output, 15 MB per Omniglot
-query set, never exists whole). The backward is made of differentiable torch ops, so autograd
+The conv output is computed a few images at a time and max-pooled at once (the full-resolution
+output, 15 MB per Omniglot query set, never exists whole); only the input images, the patch mean
+and 16-bit pooling indices are kept for the backward, which remakes the patches a few images at a
+time. The backward is made of differentiable torch ops, so autograd
 differentiates the block to any order (second-order MAML's inner loop included). Exact in exact
 arithmetic (the float64 tests compare it with PyTorch's layers to 1e-12); in floating point a
 max-pool tie PyTorch breaks one way may break the other, as between any two correct
@@ -76,10 +77,12 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         x, weight, gamma, beta = (t.to(dtype) for t in (x, weight, gamma, beta))
         tasks, n, _, h, w = x.shape
         channels = weight.shape[1]
-        patches = _patch_rows(x, weight.shape[-2:])                                   # (T, N*H*W, K)
+        kernel = tuple(weight.shape[-2:])
+        patches = _patch_rows(x, kernel)                                              # (T, N*H*W, K)
         mean_patch = patches.mean(1, keepdim=True)                                    # (T, 1, K)
         centred = patches - mean_patch
         covariance = centred.transpose(1, 2) @ centred / patches.shape[1]             # (T, K, K)
+        del patches
         w2 = weight.reshape(tasks, channels, -1)                                      # (T, C, K)
         rstd = (((w2 @ covariance) * w2).sum(2) + eps).rsqrt()                      # (T, C): 1 / sigma of the conv output
         scale = gamma * rstd                                                          # BatchNorm's per-channel scale
@@ -89,7 +92,7 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         # K x C right factor: its gradient is then patches' @ grad, 5-20x faster here than the
         # transposed product autograd picks for a transposed view.)
         right = (w2 * scale[..., None]).transpose(1, 2).contiguous()                 # (T, K, C)
-        out = _pooled_product(centred, right, h, w) + beta[:, None]                   # (T, N*H/2*W/2, C)
+        out = _pooled_product(centred, x, mean_patch, right, kernel) + beta[:, None]  # (T, N*H/2*W/2, C)
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
@@ -212,13 +215,29 @@ def _patch_rows(x: Tensor, kernel: tuple[int, int]) -> Tensor:
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def _pooled_product(patches: Tensor, right: Tensor, h: int, w: int) -> Tensor:
-    """`max_pool2d(patches @ right, 2)` over image-ordered rows: `(T, N*H*W, K), (T, K, C)` ->
-    `(T, N*(H//2)*(W//2), C)`. Keeps the inputs and the pooling indices, not the product."""
-    if torch.is_grad_enabled() and (patches.requires_grad or right.requires_grad):
-        return _PooledProduct.apply(patches, right, h, w)[0]
-    return torch.cat([_pool_chunk(patches[:, rows] @ right, h, w, False)[0]
-                      for rows in _image_chunks(patches, right, h, w)], 1)
+def _pooled_product(centred: Tensor, x: Tensor, mean_patch: Tensor, right: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """`max_pool2d(centred @ right, 2)` over the image-ordered rows `centred (T, N*H*W, K)` of the
+    patches of `x (T, N, C_in, H, W)` less `mean_patch (T, 1, K)`, with `right (T, K, C)` ->
+    `(T, N*(H//2)*(W//2), C)`. Keeps `x` and the pooling indices for the backward, not the product,
+    nor the patches (the backward remakes them a few images at a time)."""
+    h, w = x.shape[-2:]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, mean_patch, right)):
+        return _PooledProduct.apply(centred.detach(), x, mean_patch, right, kernel)[0]
+    return torch.cat([_pool_chunk(centred[:, _rows(images, h * w)] @ right, h, w, False)[0]
+                      for images in _image_chunks(x, right)], 1)
+
+
+def _rows(images: slice, per_image: int) -> slice:
+    return slice(images.start * per_image, images.stop * per_image)
+
+
+def _centred_columns(x: Tensor, mean_patch: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """The centred conv input patches of the images `x (T, n, C_in, H, W)` as columns `(T*n, K, H*W)`
+    (`F.unfold`'s layout: no transposed copy)."""
+    tasks, n, _, h, w = x.shape
+    columns = F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+    columns.view(tasks, n, -1, h * w).sub_(mean_patch.view(tasks, 1, -1, 1))
+    return columns
 
 
 def _pool_chunk(product: Tensor, h: int, w: int, indices: bool) -> tuple[Tensor, Tensor | None]:
@@ -232,50 +251,68 @@ def _pool_chunk(product: Tensor, h: int, w: int, indices: bool) -> tuple[Tensor,
 
 
 class _PooledProduct(torch.autograd.Function):
-    """`_pooled_product` whose backward rebuilds each chunk's full-resolution gradient from the
-    pooling indices. Made of differentiable ops, so second-order MAML differentiates through it;
-    `setup_context` makes it usable under `torch.func` transforms (the inner loop's `grad`)."""
+    """`_pooled_product` whose backward remakes each chunk's patches and its full-resolution
+    gradient (from the pooling indices). Made of differentiable ops, so second-order MAML
+    differentiates through it (and through the input, for attacks on it); `setup_context` makes it
+    usable under `torch.func` transforms (the inner loop's `grad`). The forward reads the detached
+    rows `centred`; gradients flow to what they are made of, `x` and `mean_patch`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(patches: Tensor, right: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        chunks = [_pool_chunk(patches[:, rows] @ right, h, w, True) for rows in _image_chunks(patches, right, h, w)]
+    def forward(centred: Tensor, x: Tensor, mean_patch: Tensor, right: Tensor,  # type: ignore[override]
+                kernel: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        h, w = x.shape[-2:]
+        chunks = [_pool_chunk(centred[:, _rows(images, h * w)] @ right, h, w, True) for images in _image_chunks(x, right)]
         return torch.cat([v for v, _ in chunks], 1), torch.cat([i for _, i in chunks], 0)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        patches, right, ctx.h, ctx.w = inputs
+        _, x, mean_patch, right, ctx.kernel = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(patches, right, output[1])
+        ctx.save_for_backward(x, mean_patch, right, output[1])
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        patches, right, indices = ctx.saved_tensors
-        h, w = ctx.h, ctx.w
-        tasks, channels = right.shape[0], right.shape[-1]
-        grad_patches, grad_right = [], None
+    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, mean_patch, right, indices = ctx.saved_tensors
+        kernel = ctx.kernel
+        tasks, _, _, h, w = x.shape
+        channels = right.shape[-1]
+        grad_x, grad_mean, grad_right = [], None, None
         pooled_rows, done = (h // 2) * (w // 2), 0
-        for rows in _image_chunks(patches, right, h, w):
-            images = (rows.stop - rows.start) // (h * w)
-            g = grad[:, rows.start // (h * w) * pooled_rows: rows.stop // (h * w) * pooled_rows]
-            g = g.reshape(tasks * images, h // 2, w // 2, channels).permute(0, 3, 1, 2)
-            full = unpool(g, indices[done: done + tasks * images], (h, w), channels_last=True)
-            done += tasks * images
+        for images in _image_chunks(x, right):
+            count = images.stop - images.start
+            g = grad[:, images.start * pooled_rows: images.stop * pooled_rows]
+            g = g.reshape(tasks * count, h // 2, w // 2, channels).permute(0, 3, 1, 2)
+            full = unpool(g, indices[done: done + tasks * count], (h, w), channels_last=True)
+            done += tasks * count
             full = full.permute(0, 2, 3, 1).reshape(tasks, -1, channels)           # (T, n*h*w, C)
-            if ctx.needs_input_grad[1]:
-                part = patches[:, rows].transpose(1, 2) @ full
+            if ctx.needs_input_grad[3]:
+                part = _centred_columns(x[:, images], mean_patch, kernel) @ full.view(tasks * count, h * w, channels)
+                part = part.view(tasks, count, *part.shape[1:]).sum(1)                 # (T, K, C)
                 grad_right = part if grad_right is None else grad_right + part
-            if ctx.needs_input_grad[0]:
-                grad_patches.append(full @ right.transpose(1, 2))
-        return (torch.cat(grad_patches, 1) if ctx.needs_input_grad[0] else None), grad_right, None, None
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                grad_rows = full @ right.transpose(1, 2)                               # (T, n*h*w, K)
+                part = -grad_rows.sum(1, keepdim=True)
+                grad_mean = part if grad_mean is None else grad_mean + part
+                grad_x.append(_fold_rows(grad_rows, x.shape[2], (h, w), kernel, count))
+        return (None, torch.cat(grad_x, 1) if ctx.needs_input_grad[1] else None,
+                grad_mean if ctx.needs_input_grad[2] else None, grad_right, None)
 
 
-def _image_chunks(patches: Tensor, right: Tensor, h: int, w: int) -> list[slice]:
-    """Row slices of whole images, about `_CHUNK_ELEMENTS` products per task each."""
-    per_image = h * w
-    images, step = patches.shape[1] // per_image, max(1, _CHUNK_ELEMENTS // (right.shape[-1] * per_image))
-    return [slice(i * per_image, min(i + step, images) * per_image) for i in range(0, images, step)]
+def _fold_rows(rows: Tensor, in_channels: int, size: tuple[int, int], kernel: tuple[int, int], images: int) -> Tensor:
+    """The adjoint of `_patch_rows`: patch-row gradients `(T, n*H*W, K)` -> image gradients `(T, n, C_in, H, W)`."""
+    tasks = rows.shape[0]
+    columns = rows.reshape(tasks * images, size[0] * size[1], -1).transpose(1, 2)   # (T*n, K, H*W)
+    folded = F.fold(columns, size, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+    return folded.view(tasks, images, in_channels, *size)
+
+
+def _image_chunks(x: Tensor, right: Tensor) -> list[slice]:
+    """Image slices of `x (T, N, ...)`, about `_CHUNK_ELEMENTS` products per task each."""
+    images, per_image = x.shape[1], x.shape[-2] * x.shape[-1]
+    step = max(1, _CHUNK_ELEMENTS // (right.shape[-1] * per_image))
+    return [slice(i, min(i + step, images)) for i in range(0, images, step)]
 
 
 def is_fusable(block: list[nn.Module]) -> bool:
