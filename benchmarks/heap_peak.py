@@ -4,7 +4,8 @@ RSS (what benchmarks/peers.py compares) also counts what glibc keeps after a fre
 with allocation order; the bytes glibc has handed out and not got back (`mallinfo2`: in-use
 chunks plus mmapped ones) are what the step really holds. They are sampled after every aten
 operation (a dispatch mode), so a temporary that lives inside one kernel is not seen. Conv4,
-Omniglot-shaped 5w1s, 15 queries, meta-batch 32, random images, one thread; deterministic.
+Omniglot-shaped 5w1s, 15 queries, meta-batch 32, random images, one thread by default;
+deterministic.
 To compare two versions, put the other one first on PYTHONPATH.
 
     cd benchmarks && python heap_peak.py --steps 1 5 --group 2
@@ -80,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--group", type=int, default=2, help="task_group (tasks per support-phase graph)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     print("| inner steps | peak heap in use above the step's start | at |\n| --- | --- | --- |")
     for steps in args.steps:
         mb, where = step_peak(steps, args.group)
