@@ -81,6 +81,16 @@ def test_pooling_before_the_relu_gives_pytorch_layers_numbers(dtype, size, chann
     assert mine[0].is_contiguous(memory_format=layout) and first[0].is_contiguous(memory_format=layout)
 
 
+def test_pooling_before_the_relu_takes_inputs_of_any_strides():
+    x = torch.randn(6, 8, 14, 14, dtype=torch.float64).transpose(2, 3).requires_grad_()  # neither layout
+    gamma, beta = torch.rand(8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64)
+    ref = F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2)
+    out = norm_relu_pool(x, gamma, beta)
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad((out ** 3).sum(), [x, gamma]), torch.autograd.grad((ref ** 3).sum(), [x, gamma])):
+        assert (a - b).norm() <= 1e-12 * b.norm()
+
+
 def test_pooling_before_the_relu_keeps_one_full_resolution_map_for_the_backward():
     x, gamma, beta, _ = _norm_relu_pool_inputs(torch.float32, 14, False)
     full = x.numel() * x.element_size()

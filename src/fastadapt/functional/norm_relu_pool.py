@@ -159,7 +159,10 @@ def _norm_pool_backward(grad: Tensor, x: Tensor, gamma: Tensor, indices: Tensor,
     scale = gamma.to(stats) * invstd
     slope = -scale * invstd * grad_gamma / n                                         # dx = slope * x + offset + ...
     offset = scale * (mean * invstd * grad_gamma - grad_beta) / n
-    grad_x = torch.empty_like(x)
+    # NCHW or channels last, so that flatten(2) below is a view whatever the strides of x
+    layout = torch.contiguous_format if x.is_contiguous() or not x.is_contiguous(
+        memory_format=torch.channels_last) else torch.channels_last
+    grad_x = torch.empty_like(x, memory_format=layout)
     torch.addcmul(offset.view(channels, 1, 1).to(x.dtype), x, slope.view(channels, 1, 1).to(x.dtype), out=grad_x)
     torch.mul(g, scale[:, None], out=buffer)                                         # ... + scale * g_full
     flat = grad_x.flatten(2)
