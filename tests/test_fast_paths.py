@@ -91,22 +91,34 @@ def test_pooling_before_the_relu_takes_inputs_of_any_strides():
         assert (a - b).norm() <= 1e-12 * b.norm()
 
 
+def _saved_bytes(block):
+    """Bytes of the distinct storages autograd saves for the backward of `block()`."""
+    kept = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t),
+                                                  lambda t: t):
+        block().sum()
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+
 def test_pooling_before_the_relu_keeps_one_full_resolution_map_for_the_backward():
     x, gamma, beta, _ = _norm_relu_pool_inputs(torch.float32, 14, False)
     full = x.numel() * x.element_size()
-
-    def saved_bytes(block):
-        kept = {}
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t),
-                                                      lambda t: t):
-            block().sum()
-        return sum(t.untyped_storage().nbytes() for t in kept.values())
-
-    ours = saved_bytes(lambda: norm_relu_pool(x, gamma, beta))
-    pytorch = saved_bytes(lambda: F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2))
+    ours = _saved_bytes(lambda: norm_relu_pool(x, gamma, beta))
+    pytorch = _saved_bytes(lambda: F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True)), 2))
     # BatchNorm's input, plus the pooled output (the next layer's input) and 16-bit indices; PyTorch's
     # layers keep the ReLU's full-resolution output too
     assert ours < 1.5 * full < 2 * full < pytorch
+
+
+def test_reordered_block_keeps_its_images_not_their_patches_for_the_backward():
+    x = torch.rand(20, 1, 28, 28)
+    w = torch.randn(64, 1, 3, 3, requires_grad=True)
+    gamma, beta = torch.rand(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    patches = x.numel() * 9 * x.element_size()
+    pooled = 20 * 64 * 14 * 14 * 4  # the block's output (the ReLU keeps it; the next layer's input)
+    indices = 20 * 64 * 14 * 14 * 2  # 16-bit pooling indices
+    # besides those: the images and small statistics, not the patches
+    assert _saved_bytes(lambda: conv_bn_relu_pool(x, w, gamma, beta)) < pooled + indices + patches / 2
 
 
 def test_reordered_block_keeps_float32_under_bf16_autocast():
