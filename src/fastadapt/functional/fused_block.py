@@ -203,11 +203,15 @@ def _layer(module: nn.Module, prefix: str, get: Callable[[str], Tensor], params:
     return functional_call(module, local, (h,)) if local else module(h)
 
 
+def _patch_columns(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """Conv input patches of `x (T, N, C_in, H, W)` as `F.unfold` columns `(T*N, K, H*W)` (same padding)."""
+    return F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+
+
 def _patch_rows(x: Tensor, kernel: tuple[int, int]) -> Tensor:
     """Conv input patches of `x (T, N, C_in, H, W)` as rows `(T, N*H*W, K)`, image by image."""
     tasks, n, _, h, w = x.shape
-    patches = F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))  # (T*N, K, H*W)
-    return patches.view(tasks, n, -1, h * w).transpose(2, 3).reshape(tasks, n * h * w, -1)
+    return _patch_columns(x, kernel).view(tasks, n, -1, h * w).transpose(2, 3).reshape(tasks, n * h * w, -1)
 
 
 # Images whose conv output is computed at a time: about 1 MB of it per task, so the full-resolution
@@ -235,7 +239,7 @@ def _centred_columns(x: Tensor, mean_patch: Tensor, kernel: tuple[int, int]) -> 
     """The centred conv input patches of the images `x (T, n, C_in, H, W)` as columns `(T*n, K, H*W)`
     (`F.unfold`'s layout: no transposed copy)."""
     tasks, n, _, h, w = x.shape
-    columns = F.unfold(x.flatten(0, 1), kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+    columns = _patch_columns(x, kernel)
     columns.view(tasks, n, -1, h * w).sub_(mean_patch.view(tasks, 1, -1, 1))
     return columns
 

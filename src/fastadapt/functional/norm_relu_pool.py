@@ -191,8 +191,7 @@ class _Unpool(torch.autograd.Function):
             return torch.ops.aten.max_pool2d_with_indices_backward(grad, full, [2, 2], [2, 2], [0, 0], [1, 1], False,
                                                                    indices.long())
         # A few images at a time, so the 64-bit copy of the indices the kernel needs stays small.
-        step = max(1, _INDEX_CHUNK // indices[0].numel())
-        for start in range(0, grad.shape[0], step):
+        for start, step in _image_steps(indices):
             part = full[start:start + step]  # the kernel reads only the shape of its `self` argument
             torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
                 grad[start:start + step], part, [2, 2], [2, 2], [0, 0], [1, 1], False,
