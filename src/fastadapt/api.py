@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .io import read_json, write_json
 from .runtime import torch_threads
-from .training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors
+from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
+                                  load_module_tensors, ranked_validation_steps)
 from .training.config import Config, ConfigError, load_recipe, saved_config
-from .training.evaluate import evaluate_learner
+from .training.evaluate import evaluate_ensemble, evaluate_learner
 from .training.experiment import build_learner, test_source
 from .training.trainer import Trainer
 
@@ -74,9 +76,12 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 
 
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
-             queries: int | None = None, inner_steps: int | None = None, device: str | None = None) -> dict[str, Any]:
+             queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
+             ensemble: int = 1, threads: int | None = None) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
-    `device` (default: the run's own).
+    `device` with `threads` torch threads (default: the run's own). With `ensemble=K`, the mean
+    output of its K best validated checkpoints instead (MAML++'s protocol with K=5; the run must
+    have kept them: `keep_best: K`).
 
     Other ways / shots / inner steps than in training are allowed where the model permits (a MAML
     head has `ways` outputs; ProtoNet takes any). Writes `RUN_DIR/evals/<...>.json` and returns it.
@@ -89,33 +94,51 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     config = run_config(run_dir)
     if device is not None:
         config = config.replace(device=device)
+    if threads is not None:
+        config = config.replace(threads=threads)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
         raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
                           f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
-    learner = build_learner(config)
-    best = run_dir / "checkpoints" / "best.json"
-    if best.is_file():
-        tensors, _ = load_checkpoint(best)
-        source = best
-    else:
-        tensors, _, source = latest_checkpoint(run_dir / "checkpoints")
-    load_module_tensors(learner, tensors, "learner.", source)
+    if ensemble < 1:
+        raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
+    sources = _evaluated_checkpoints(run_dir, ensemble)
+    learners = []
+    for source in sources:
+        learner = build_learner(config)
+        tensors, _ = load_checkpoint(source)
+        load_module_tensors(learner, tensors, "learner.", source)
+        learners.append(learner)
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = test_source(config, ways, shots, queries)
     with torch_threads(config.threads):  # the run's own thread count, as in training
-        estimates = evaluate_learner(learner, tasks, episodes, inner_steps=steps)
+        estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
+                     else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
     metric = "accuracy" if "accuracy" in estimates else "loss"
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
         "dataset": config.dataset, "ways": ways, "shots": shots, "queries": queries,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
-        "mean": estimates[metric].mean, "ci95": estimates[metric].ci95, "checkpoint": source.name,
+        "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
+        "checkpoint": sources[0].name if ensemble == 1 else [s.name for s in sources],
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
-    tag = f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps-{episodes}ep"
+    top = f"-top{ensemble}" if ensemble > 1 else ""
+    tag = f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps-{episodes}ep{top}"
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
+
+
+def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[Path]:
+    """The checkpoint an evaluation loads (best, else newest), or the `ensemble` best validated ones."""
+    checkpoints = run_dir / "checkpoints"
+    if ensemble > 1:
+        with open(run_dir / "metrics.csv", newline="") as f:
+            ranked = ranked_validation_steps(csv.DictReader(f))
+        return ensemble_checkpoints(checkpoints, ranked, ensemble)
+    if (checkpoints / "best.json").is_file():
+        return [checkpoints / "best.json"]
+    return [latest_checkpoint(checkpoints)[2]]

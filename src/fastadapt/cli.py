@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--queries", type=_positive_int)
     ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
     ev.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default: the run's)")
+    ev.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: the run's)")
+    ev.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                    help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
+                         "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
 
     rep = commands.add_parser("report", help="plots and a Markdown table comparing runs")
     rep.add_argument("run_dirs", type=Path, nargs="+")
@@ -223,10 +227,12 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
-                              queries=args.queries, inner_steps=steps, device=args.device)
+                              queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
+                              threads=args.threads)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
-                f", {result['inner_steps']} inner steps" if result["inner_steps"] else "")
+                f", {result['inner_steps']} inner steps" if result["inner_steps"] else "") + (
+                f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "")
             print(f"{label}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")
     elif args.command == "report":

@@ -222,13 +222,18 @@ class Baseline(nn.Module):
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task query `loss` and `accuracy`, `(T,)` tensors, after fitting each task's new head
         (`inner_steps` is ignored: the fine-tuning schedule is `finetune_epochs`)."""
+        logits = self.query_outputs(batch)
+        return {
+            "loss": F.cross_entropy(logits.transpose(1, 2), batch.query_y, reduction="none").mean(1),
+            "accuracy": (logits.argmax(-1) == batch.query_y).float().mean(1),
+        }
+
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every episode's query logits from its own fitted head, `(T, queries, ways)`."""
         tasks = len(batch)
         ways = int(batch.support_y.max()) + 1
         support = self.embed(batch.support_x.flatten(0, 1)).unflatten(0, (tasks, -1))
         query = self.embed(batch.query_x.flatten(0, 1)).unflatten(0, (tasks, -1))
         weight, bias = self.fit_heads(support, batch.support_y, ways)
-        logits = self.head_logits(query, weight, bias)
-        return {
-            "loss": F.cross_entropy(logits.transpose(1, 2), batch.query_y, reduction="none").mean(1),
-            "accuracy": (logits.argmax(-1) == batch.query_y).float().mean(1),
-        }
+        return self.head_logits(query, weight, bias)

@@ -388,17 +388,30 @@ class GradientLearner(nn.Module):
 
         Includes `loss`, `accuracy` (classification) and `loss_before` (query loss before adapting).
         """
-        steps = self._check_steps(inner_steps or self.inner_steps)
         params = {k: v.detach() for k, v in self.meta_params().items()}
         hooks = self._hooks(training=False)
+        outputs = self.query_outputs(batch, inner_steps)
         rows = []
         for t in range(len(batch)):
             ep = batch[t]
-            after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
-            row = task_metrics(self.task, after, ep.query_y)
+            row = task_metrics(self.task, outputs[t], ep.query_y)
             row["loss_before"] = self._loss_fn(self._forward_at(params, 0, ep.query_x, hooks), ep.query_y)
             rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every task's query outputs after adaptation, `(T, queries, outputs)`, with no outer graph
+        (what an ensemble of checkpoints averages, as MAML++'s evaluation does)."""
+        steps = self._check_steps(inner_steps or self.inner_steps)
+        params = {k: v.detach() for k, v in self.meta_params().items()}
+        hooks = self._hooks(training=False)
+        outputs = []
+        for t in range(len(batch)):
+            ep = batch[t]
+            after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
+            outputs.append(after)
+        return torch.stack(outputs)
 
     # -- execution strategies -----------------------------------------------------------------
     def _looped(self, batch: TaskBatch, keep_graph: bool, first_order: bool, weights: list[float] | None

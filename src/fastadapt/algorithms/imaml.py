@@ -369,17 +369,28 @@ class IMAML(nn.Module):
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task `loss`, `accuracy` (classification) and `loss_before` after adapting, `(T,)` tensors."""
-        steps = inner_steps or self.inner_steps
         theta, frozen = self._split()
         params = {**frozen, **theta}
+        outputs = self.query_outputs(batch, inner_steps)
         rows = []
+        for t in range(len(batch)):
+            ep = batch[t]
+            row = task_metrics(self.task, outputs[t], ep.query_y)
+            row["loss_before"] = self._loss_fn(forward(self.model, params, ep.query_x), ep.query_y)
+            rows.append(row)
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every task's query outputs after solving its inner problem, `(T, queries, outputs)`."""
+        steps = inner_steps or self.inner_steps
+        theta, frozen = self._split()
+        outputs = []
         for part in self._parts(batch):
             adapted = (self._solve_tasks(theta, frozen, part, steps)[0] if self._batched is not None else None)
             for t in range(len(part)):
                 ep = part[t]
                 phi = ({n: p[t] for n, p in adapted.items()} if adapted is not None
                        else self._solve(theta, frozen, ep.support_x, ep.support_y, steps)[0])
-                row = task_metrics(self.task, forward(self.model, {**frozen, **phi}, ep.query_x), ep.query_y)
-                row["loss_before"] = self._loss_fn(forward(self.model, params, ep.query_x), ep.query_y)
-                rows.append(row)
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+                outputs.append(forward(self.model, {**frozen, **phi}, ep.query_x))
+        return torch.stack(outputs)

@@ -189,9 +189,13 @@ class MatchingNet(nn.Module):
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task `loss` and `accuracy`, `(T,)` tensors (`inner_steps` is ignored: no inner loop)."""
-        logits = torch.stack([self.episode_logits(batch.support_x[t], batch.support_y[t], batch.query_x[t])
-                              for t in range(len(batch))])
-        return _metrics(logits, batch.query_y)
+        return _metrics(self.query_outputs(batch), batch.query_y)
+
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every episode's query logits, `(T, queries, ways)` (`inner_steps` is ignored)."""
+        return torch.stack([self.episode_logits(batch.support_x[t], batch.support_y[t], batch.query_x[t])
+                            for t in range(len(batch))])
 
 
 def _metrics(logits: Tensor, query_y: Tensor) -> dict[str, Tensor]:

@@ -125,6 +125,11 @@ class ProtoNet(nn.Module):
         """Per-task `loss` and `accuracy`, `(T,)` tensors (`inner_steps` is ignored: no inner loop)."""
         return self._metrics(self.batch_logits(batch), batch.query_y)
 
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every episode's query logits, `(T, queries, ways)` (`inner_steps` is ignored)."""
+        return self.batch_logits(batch)
+
     def _metrics(self, logits: Tensor, query_y: Tensor) -> dict[str, Tensor]:
         logits = logits.detach()
         return {

@@ -345,13 +345,19 @@ class Reptile(nn.Module):
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task `loss`, `accuracy` (classification) and `loss_before` after fine-tuning, `(T,)` tensors."""
-        theta = self._theta()
+        outputs = self.query_outputs(batch, inner_steps)
+        after = [task_metrics(self.task, outputs[t], batch.query_y[t]) for t in range(len(batch))]
+        before = self._metrics(self._run(), stacked_params(self._theta(), len(batch)), batch.query_x, batch.query_y)
+        return {**{k: torch.stack([r[k] for r in after]) for k in after[0]}, "loss_before": before["loss"]}
+
+    @torch.no_grad()
+    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every task's query outputs after fine-tuning, `(T, queries, outputs)`."""
         generators = [self._eval_generator() for _ in range(len(batch))]
         run = self._run()
-        phi, _, _ = self._fine_tune_tasks(run, theta, batch.support_x, batch.support_y,
+        phi, _, _ = self._fine_tune_tasks(run, self._theta(), batch.support_x, batch.support_y,
                                           inner_steps or self.eval_inner_steps, self.eval_inner_batch, generators)
-        before = self._metrics(run, stacked_params(theta, len(batch)), batch.query_x, batch.query_y)["loss"]
-        return {**self._metrics(run, phi, batch.query_x, batch.query_y), "loss_before": before}
+        return run(phi, batch.query_x)
 
     def _fine_tune_tasks(self, run: BatchedForward, theta: Params, x: Tensor, y: Tensor, steps: int,
                          batch_size: int | None, generators: Sequence[torch.Generator | None],

@@ -11,7 +11,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from ..io import load_tensors, read_json, save_tensors, write_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "optimizer_to_tensors", "optimizer_from_tensors", "load_module_tensors", "step_name", "prune_checkpoints"]
+           "optimizer_to_tensors", "optimizer_from_tensors", "load_module_tensors", "step_name", "prune_checkpoints",
+           "top_name", "ranked_validation_steps", "keep_top_checkpoints", "ensemble_checkpoints"]
 
 FORMAT = "fastadapt-checkpoint-v1"
 _STEP_PREFIX = "step-"
+_TOP_PREFIX = "top-"
 
 
 class CheckpointError(ValueError):
@@ -101,6 +103,73 @@ def latest_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any
 
 def step_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:09d}"
+
+
+def top_name(step: int) -> str:
+    """The name of the weights validated at `step`, kept while among the run's best (`keep_best`)."""
+    return f"{_TOP_PREFIX}{step:09d}"
+
+
+def _manifest_step(manifest: Path, prefix: str) -> int:
+    return int(manifest.stem[len(prefix):])
+
+
+def ranked_validation_steps(rows: Iterable[Mapping[str, Any]]) -> list[int]:
+    """The validated steps of a metrics history, best first: highest accuracy where the rows have
+    one (classification), else lowest loss; of equal scores the later step first.
+
+    Example:
+        >>> rows = [{"phase": "validation", "step": 5, "accuracy": 0.9, "loss": 0.3},
+        ...         {"phase": "train", "step": 6, "accuracy": 0.99, "loss": 0.1},
+        ...         {"phase": "validation", "step": 10, "accuracy": 0.95, "loss": 0.2},
+        ...         {"phase": "validation", "step": 15, "accuracy": 0.9, "loss": 0.25}]
+        >>> ranked_validation_steps(rows)
+        [10, 15, 5]
+    """
+    scored = []
+    for row in rows:
+        if row["phase"] != "validation":
+            continue
+        accuracy = row.get("accuracy")
+        has_accuracy = accuracy not in (None, "")
+        score = float(accuracy) if has_accuracy else -float(row["loss"])
+        scored.append((score, int(row["step"])))
+    return [step for _, step in sorted(scored, reverse=True)]
+
+
+def keep_top_checkpoints(directory: Path, tensors: dict[str, Tensor], state: dict[str, Any],
+                         best_steps: list[int]) -> None:
+    """Saves the weights of `state["step"]` as `top-<step>` if that step is among `best_steps`, and
+    deletes every other `top-*` checkpoint not among them."""
+    if state["step"] in best_steps:
+        save_checkpoint(directory, top_name(state["step"]), tensors, state)
+    for manifest in directory.glob(f"{_TOP_PREFIX}*.json"):
+        if _manifest_step(manifest, _TOP_PREFIX) not in best_steps:
+            manifest.with_suffix(".safetensors").unlink(missing_ok=True)
+            manifest.unlink(missing_ok=True)
+
+
+def ensemble_checkpoints(directory: Path, ranked_steps: list[int], count: int) -> list[Path]:
+    """The manifests of the `count` best validated steps (`ranked_validation_steps`): each step's
+    `top-*`, `step-*` or `best` checkpoint. Raises `CheckpointError` naming a step whose weights
+    were not kept, rather than substituting a worse one."""
+    if count > len(ranked_steps):
+        raise CheckpointError(f"an ensemble of {count} needs {count} validations; the run in {directory.parent} "
+                              f"has {len(ranked_steps)}")
+    best_step = None
+    if (directory / "best.json").is_file():
+        best_step = read_json(directory / "best.json")["state"]["step"]
+    found = []
+    for rank, step in enumerate(ranked_steps[:count], 1):
+        candidates = [directory / f"{top_name(step)}.json", directory / f"{step_name(step)}.json"]
+        if step == best_step:
+            candidates.append(directory / "best.json")
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise CheckpointError(f"the run's validation number {rank} (step {step}) has no checkpoint left in "
+                                  f"{directory}: train with keep_best >= {count} to ensemble {count}")
+        found.append(path)
+    return found
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:

@@ -77,6 +77,8 @@ class Config:
     validation_episodes: int = 200
     validation_characters: int = 0
     early_stopping: int = 0
+    # how many of the best validated weights to keep (checkpoints/top-*), for `fastadapt eval --ensemble K`
+    keep_best: int = 1
     checkpoint_every: int = 500
     eval_episodes: int = 1000
     seed: int = 0
@@ -195,7 +197,7 @@ class Config:
         _choice("head", self.head, HEADS)
         _check_device(self.device)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
-                    "log_every", "checkpoint_every", "schedule_step", "cg_steps"):
+                    "log_every", "checkpoint_every", "schedule_step", "cg_steps", "keep_best"):
             _at_least(key, getattr(self, key), 1)
         for key in ("train_ways", "eval_inner_steps", "threads"):
             if getattr(self, key) is not None:
@@ -252,6 +254,8 @@ class Config:
                               "use precision: fp32")
         if self.early_stopping and not self.validation_every:
             raise ConfigError("early_stopping needs validation_every > 0 (it counts validations without improvement)")
+        if self.keep_best > 1 and not self.validation_every:
+            raise ConfigError(f"keep_best={self.keep_best} needs validation_every > 0 (it keeps the best validated weights)")
 
     def _check_reptile_matching(self) -> None:
         """train_shots, the outer momentum, and the Reptile and Matching Networks keys."""

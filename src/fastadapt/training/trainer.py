@@ -6,7 +6,8 @@ A run directory holds everything about a run:
 
     config.json        the resolved config            environment.json  versions, git commit, command, device
     metrics.csv        train / validation rows        results.json      the test result (when finished)
-    checkpoints/       step-*.safetensors + .json (the newest two) and best.safetensors + best.json
+    checkpoints/       step-*.safetensors + .json (the newest two) and best.safetensors + best.json;
+                       with `keep_best: K` also top-*.safetensors + .json, the K best validated weights
     tensorboard/       event files, with `tensorboard: true` (needs the `tensorboard` package)
 """
 
@@ -27,9 +28,9 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..io import atomic_path, write_json
-from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_module_tensors,
-                         optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_checkpoint,
-                         step_name)
+from .checkpoint import (CheckpointError, keep_top_checkpoints, latest_checkpoint, load_checkpoint,
+                         load_module_tensors, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
+                         ranked_validation_steps, save_checkpoint, step_name)
 from .config import Config, ConfigError, saved_config
 from .evaluate import Estimate, evaluate_learner
 from .experiment import Experiment, build_experiment
@@ -204,6 +205,10 @@ class Trainer:
             state["since_best"] += 1
             if config.early_stopping and state["since_best"] >= config.early_stopping:
                 state["stopped_early"] = True
+        if config.keep_best > 1:
+            keep_top_checkpoints(self.checkpoints, self._learner_tensors(experiment.learner),
+                                 {"step": state["step"], "validation": {score_name: score}},
+                                 ranked_validation_steps(state["history"])[:config.keep_best])
 
     # -- state, checkpoints, files -------------------------------------------------------------
     def _fresh_state(self) -> dict[str, Any]:
