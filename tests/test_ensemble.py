@@ -47,11 +47,11 @@ def test_the_ensemble_averages_its_members_outputs(tmp_path):
     fastadapt.train({**SMALL, "keep_best": 3}, run, progress=False)
     result = fastadapt.evaluate(run, episodes=6, ensemble=3)
     ranked = _ranked(run)
-    assert result["checkpoint"] == [f"top-{step:09d}.json" for step in ranked[:3]]
+    assert result["checkpoints"] == [f"top-{step:09d}.json" for step in ranked[:3]]
     assert (run / "evals" / "sinusoid-5w10s-1steps-6ep-top3.json").is_file()
     config = fastadapt.api.run_config(run)
     members = []
-    for name in result["checkpoint"]:
+    for name in result["checkpoints"]:
         learner = build_learner(config)
         tensors, _ = load_checkpoint(run / "checkpoints" / name)
         learner.load_state_dict({k[len("learner."):]: v for k, v in tensors.items()})

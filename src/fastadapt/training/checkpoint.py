@@ -110,13 +110,10 @@ def top_name(step: int) -> str:
     return f"{_TOP_PREFIX}{step:09d}"
 
 
-def _manifest_step(manifest: Path, prefix: str) -> int:
-    return int(manifest.stem[len(prefix):])
-
-
 def ranked_validation_steps(rows: Iterable[Mapping[str, Any]]) -> list[int]:
     """The validated steps of a metrics history, best first: highest accuracy where the rows have
-    one (classification), else lowest loss; of equal scores the later step first.
+    one (classification), else lowest loss; of equal scores the earlier step first (as `best`,
+    which only a strictly better validation replaces).
 
     Example:
         >>> rows = [{"phase": "validation", "step": 5, "accuracy": 0.9, "loss": 0.3},
@@ -124,7 +121,7 @@ def ranked_validation_steps(rows: Iterable[Mapping[str, Any]]) -> list[int]:
         ...         {"phase": "validation", "step": 10, "accuracy": 0.95, "loss": 0.2},
         ...         {"phase": "validation", "step": 15, "accuracy": 0.9, "loss": 0.25}]
         >>> ranked_validation_steps(rows)
-        [10, 15, 5]
+        [10, 5, 15]
     """
     scored = []
     for row in rows:
@@ -133,8 +130,8 @@ def ranked_validation_steps(rows: Iterable[Mapping[str, Any]]) -> list[int]:
         accuracy = row.get("accuracy")
         has_accuracy = accuracy not in (None, "")
         score = float(accuracy) if has_accuracy else -float(row["loss"])
-        scored.append((score, int(row["step"])))
-    return [step for _, step in sorted(scored, reverse=True)]
+        scored.append((-score, int(row["step"])))
+    return [step for _, step in sorted(scored)]
 
 
 def keep_top_checkpoints(directory: Path, tensors: dict[str, Tensor], state: dict[str, Any],
@@ -144,7 +141,7 @@ def keep_top_checkpoints(directory: Path, tensors: dict[str, Tensor], state: dic
     if state["step"] in best_steps:
         save_checkpoint(directory, top_name(state["step"]), tensors, state)
     for manifest in directory.glob(f"{_TOP_PREFIX}*.json"):
-        if _manifest_step(manifest, _TOP_PREFIX) not in best_steps:
+        if int(manifest.stem[len(_TOP_PREFIX):]) not in best_steps:
             manifest.with_suffix(".safetensors").unlink(missing_ok=True)
             manifest.unlink(missing_ok=True)
 
