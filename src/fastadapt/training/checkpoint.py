@@ -142,8 +142,7 @@ def keep_top_checkpoints(directory: Path, tensors: dict[str, Tensor], state: dic
         save_checkpoint(directory, top_name(state["step"]), tensors, state)
     for manifest in directory.glob(f"{_TOP_PREFIX}*.json"):
         if int(manifest.stem[len(_TOP_PREFIX):]) not in best_steps:
-            manifest.with_suffix(".safetensors").unlink(missing_ok=True)
-            manifest.unlink(missing_ok=True)
+            _delete_checkpoint(manifest)
 
 
 def ensemble_checkpoints(directory: Path, ranked_steps: list[int], count: int) -> list[Path]:
@@ -172,8 +171,13 @@ def ensemble_checkpoints(directory: Path, ranked_steps: list[int], count: int) -
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Deletes all but the newest `keep` step checkpoints."""
     for manifest in sorted(directory.glob(f"{_STEP_PREFIX}*.json"), reverse=True)[keep:]:
-        manifest.with_suffix(".safetensors").unlink(missing_ok=True)
-        manifest.unlink(missing_ok=True)
+        _delete_checkpoint(manifest)
+
+
+def _delete_checkpoint(manifest: Path) -> None:
+    """The manifest first: a crash in between leaves stray tensors, never a manifest without them."""
+    manifest.unlink(missing_ok=True)
+    manifest.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 def load_module_tensors(module: nn.Module, tensors: dict[str, Tensor], prefix: str, source: Path) -> None:
