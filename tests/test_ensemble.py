@@ -47,7 +47,7 @@ def test_the_ensemble_averages_its_members_outputs(tmp_path):
     fastadapt.train({**SMALL, "keep_best": 3}, run, progress=False)
     result = fastadapt.evaluate(run, episodes=6, ensemble=3)
     ranked = _ranked(run)
-    assert result["checkpoints"] == [f"top-{step:09d}.json" for step in ranked[:3]]
+    assert result["ensemble"] == 3 and result["checkpoints"] == [f"top-{step:09d}.json" for step in ranked[:3]]
     assert (run / "evals" / "sinusoid-5w10s-1steps-6ep-top3.json").is_file()
     config = fastadapt.api.run_config(run)
     members = []

@@ -132,12 +132,13 @@ def test_eval_series_use_the_runs_own_ways_and_shots(runs: list[Path]) -> None:
     assert inner_steps_series(sinusoid) is None and shots_series(sinusoid) is None  # no evals
 
 
-def test_eval_series_leave_out_evaluations_with_another_query_count(tmp_path: Path) -> None:
+def test_eval_series_leave_out_evaluations_with_another_query_count_or_an_ensemble(tmp_path: Path) -> None:
     other_queries = {**_eval(1, 3, 0.99), "queries": 1}  # `fastadapt eval --queries 1`: another protocol
+    ensemble = {**_eval(1, 5, 0.99), "ensemble": 5}  # `fastadapt eval --ensemble 5`: another model
     run = load_run(_make_run(tmp_path, "run", {
         "algorithm": "maml", "dataset": "omniglot", "ways": 5, "shots": 1, "inner_steps": 1, "eval_queries": 15,
         "seed": 0, "name": None}, results=_results("accuracy", 0.95, 0.01),
-        evals=[_eval(1, 3, 0.97), {**_eval(1, 5, 0.975), "queries": 15}, other_queries]))
+        evals=[_eval(1, 3, 0.97), {**_eval(1, 5, 0.975), "queries": 15, "ensemble": 1}, other_queries, ensemble]))
     steps = inner_steps_series(run)
     assert steps is not None and steps.x == (3.0, 5.0) and steps.y == pytest.approx((97.0, 97.5))
 

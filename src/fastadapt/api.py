@@ -122,7 +122,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
-        "checkpoints": [s.name for s in sources],
+        "ensemble": ensemble, "checkpoints": [s.name for s in sources],
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name

@@ -84,6 +84,7 @@ class EvalPoint:
     mean: float
     ci95: float
     queries: int | None = None  # absent in evaluations written before it was recorded
+    ensemble: int = 1  # checkpoints averaged (`fastadapt eval --ensemble`); absent before ensembles existed
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def _read_eval(path: Path) -> EvalPoint:
         mean=_number(data["mean"], path, "mean"),
         ci95=_number(data["ci95"], path, "ci95"),
         queries=_optional_int(data.get("queries"), path, "queries"),
+        ensemble=_optional_int(data.get("ensemble", 1), path, "ensemble") or 1,
     )
 
 
@@ -283,6 +285,8 @@ def _matches(point: EvalPoint, run: RunData, *, shots: bool) -> bool:
         return False
     if point.queries is not None and point.queries != run.config.get("eval_queries", point.queries):
         return False  # another query count (`fastadapt eval --queries`) is another protocol
+    if point.ensemble != 1:
+        return False  # an ensemble of checkpoints is another model than the run's best
     return not shots or point.shots == run.config.get("shots")
 
 
