@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from torch import Tensor
+
 from .io import read_json, write_json
 from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
@@ -103,11 +105,10 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
                           f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
-    sources = _evaluated_checkpoints(run_dir, ensemble)
+    checkpoints = _evaluated_checkpoints(run_dir, ensemble)
     learners = []
-    for source in sources:
+    for tensors, source in checkpoints:
         learner = build_learner(config)
-        tensors, _ = load_checkpoint(source)
         load_module_tensors(learner, tensors, "learner.", source)
         learners.append(learner)
     steps = inner_steps or config.effective_eval_inner_steps
@@ -122,7 +123,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
-        "ensemble": ensemble, "checkpoints": [s.name for s in sources],
+        "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
@@ -132,13 +133,16 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     return result
 
 
-def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[Path]:
-    """The checkpoint an evaluation loads (best, else newest), or the `ensemble` best validated ones."""
+def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[tuple[dict[str, Tensor], Path]]:
+    """The tensors and manifest of the checkpoint an evaluation uses (best, else newest), or of the
+    `ensemble` best validated ones."""
     checkpoints = run_dir / "checkpoints"
     if ensemble > 1:
         with open(run_dir / "metrics.csv", newline="") as f:
             ranked = ranked_validation_steps(csv.DictReader(f))
-        return ensemble_checkpoints(checkpoints, ranked, ensemble)
-    if (checkpoints / "best.json").is_file():
-        return [checkpoints / "best.json"]
-    return [latest_checkpoint(checkpoints)[2]]
+        return [(load_checkpoint(path)[0], path) for path in ensemble_checkpoints(checkpoints, ranked, ensemble)]
+    best = checkpoints / "best.json"
+    if best.is_file():
+        return [(load_checkpoint(best)[0], best)]
+    tensors, _, newest = latest_checkpoint(checkpoints)
+    return [(tensors, newest)]

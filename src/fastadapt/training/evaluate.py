@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..algorithms.objectives import task_metrics
+from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
 
 __all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble"]
@@ -57,12 +58,7 @@ def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, 
         >>> sorted(result)
         ['loss', 'loss_before']
     """
-    collected: dict[str, list[Tensor]] = {}
-    for start in range(0, episodes, batch_size):
-        batch = source.task_batch(start, min(batch_size, episodes - start))
-        for name, value in learner.task_metrics(batch, inner_steps=inner_steps).items():
-            collected.setdefault(name, []).append(value)
-    return {name: mean_ci95(torch.cat(values)) for name, values in collected.items()}
+    return _estimates(lambda batch: learner.task_metrics(batch, inner_steps=inner_steps), source, episodes, batch_size)
 
 
 def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
@@ -85,11 +81,21 @@ def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int
     if len(kinds) != 1:
         raise ValueError(f"an ensemble's learners must solve one kind of task, got {sorted(kinds)}")
     kind = kinds.pop()
+
+    def metrics(batch: TaskBatch) -> dict[str, Tensor]:
+        mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
+        rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+    return _estimates(metrics, source, episodes, batch_size)
+
+
+def _estimates(metrics: Callable[[TaskBatch], dict[str, Tensor]], source: TaskSource, episodes: int,
+               batch_size: int) -> dict[str, Estimate]:
+    """`metrics` (per-task `(T,)` tensors) over test episodes 0..episodes-1 of `source`, `batch_size`
+    at a time, as a mean and 95% interval each."""
     collected: dict[str, list[Tensor]] = {}
     for start in range(0, episodes, batch_size):
-        batch = source.task_batch(start, min(batch_size, episodes - start))
-        mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
-        for t in range(len(batch)):
-            for name, value in task_metrics(kind, mean[t], batch.query_y[t]).items():
-                collected.setdefault(name, []).append(value.reshape(1))
+        for name, value in metrics(source.task_batch(start, min(batch_size, episodes - start))).items():
+            collected.setdefault(name, []).append(value)
     return {name: mean_ci95(torch.cat(values)) for name, values in collected.items()}
