@@ -28,6 +28,7 @@ from torch import Tensor
 from fastadapt.algorithms import IMAML
 from fastadapt.api import run_config
 from fastadapt.data.episodes import Episode
+from fastadapt.functional import forward
 from fastadapt.training.checkpoint import load_checkpoint, load_module_tensors
 from fastadapt.training.experiment import build_experiment
 
@@ -49,9 +50,10 @@ def _meta_gradient(imaml: IMAML, phi: dict[str, Tensor], episode: Episode, dtype
                    ) -> tuple[list[Tensor], list[Tensor]]:
     """(query gradient, implicit meta-gradient) at `phi`, in `imaml`'s precision."""
     frozen = imaml._split()[1]
-    query = (episode.query_x.to(dtype), episode.query_y)
-    v = imaml._query_gradient(phi, frozen, query)[0]
-    g = imaml.implicit_gradient(phi, frozen, (episode.support_x.to(dtype), episode.support_y), query)[0]
+    v = imaml._query_gradient(phi, frozen, (episode.query_x.to(dtype), episode.query_y))[0]
+    support_x = episode.support_x.to(dtype)
+    g = imaml._implicit_solve(lambda p: imaml._loss_fn(forward(imaml.model, {**frozen, **p}, support_x), episode.support_y),
+                              phi, v, batched=False)
     return v, g
 
 
