@@ -286,6 +286,7 @@ def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start(
     ({"cg_steps": 0}, "cg_steps must be >= 1, got 0"),
     ({"cg_steps": 2.5}, "cg_steps must be an integer"),
     ({"cg_damping": -0.1}, "cg_damping must be >= 0, got -0.1"),
+    ({"eval_imaml_lambda": -0.5}, "eval_imaml_lambda (iMAML's proximal strength at test time) must be >= 0"),
     ({"inner_optimizer": "rmsprop"}, "got 'rmsprop'"),
     ({"inner_optimizer": "momentum"}, "inner_optimizer 'momentum' is not implemented for imaml; use sgd or adam"),
     ({"precision": "bf16"}, "precision 'bf16' is not implemented for imaml"),
@@ -301,11 +302,67 @@ def test_bad_constructor_arguments_name_the_value():
     for kwargs, message in (({"lam": 0.0}, "lam (the proximal regularisation strength) must be > 0, got 0.0"),
                             ({"cg_steps": 0}, "cg_steps must be an integer >= 1"),
                             ({"cg_damping": -1.0}, "cg_damping must be >= 0, got -1.0"),
+                            ({"eval_lam": -0.1}, "eval_lam (the proximal strength at test time) must be >= 0"),
                             ({"inner_optimizer": "lbfgs"}, "inner_optimizer must be 'sgd' or 'adam', got 'lbfgs'")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             IMAML(model, **kwargs)
+    with pytest.raises(ConfigError, match="eval_imaml_lambda apply to algorithm 'imaml', not 'maml'"):
+        Config.from_dict({"algorithm": "maml", "eval_imaml_lambda": 0.0})
     with pytest.raises(ConfigError, match="inner_optimizer='adam' applies to imaml"):
         Config.from_dict({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4", "inner_optimizer": "adam"})
+
+
+def test_test_time_lambda_zero_is_plain_fine_tuning_and_leaves_training_alone():
+    """eval_lam=0 adapts by plain SGD on the support loss (the authors' measure_accuracy.py), step for
+    step as torch.optim.SGD; the training meta-gradient is the one with the training lambda."""
+    torch.manual_seed(0)
+    ep = _regression_tasks(1, 3, 6, 4)[0]
+    model = torch.nn.Linear(3, 1).double()
+    reference = torch.nn.Linear(3, 1).double()
+    reference.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for _ in range(7):
+        sgd.zero_grad()
+        torch.nn.functional.mse_loss(reference(ep.support_x), ep.support_y).backward()
+        sgd.step()
+    plain = IMAML(model, inner_lr=0.05, inner_steps=7, lam=3.0, eval_lam=0.0, task="regression")
+    proximal = IMAML(model, inner_lr=0.05, inner_steps=7, lam=3.0, task="regression")
+    queries = torch.randn(5, 3, dtype=F64)
+    assert torch.allclose(plain.adapt(ep.support_x, ep.support_y)(queries), reference(queries), rtol=0, atol=1e-14)
+    pulled_back = proximal.adapt(ep.support_x, ep.support_y)(queries)
+    assert not torch.allclose(pulled_back, reference(queries), atol=1e-6)  # lambda 3 pulls toward theta
+    batch = _regression_tasks(2, 3, 6, 4)
+    assert torch.equal(plain.query_outputs(batch)[0], plain.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]))
+    grads = []
+    for learner in (plain, proximal):
+        model.zero_grad()
+        learner.meta_loss(batch)[0].backward()
+        grads.append(model.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_eval_command_adapts_with_another_lambda_and_keeps_both_results(tmp_path, capsys):
+    from fastadapt.cli import main
+
+    assert main(["run", "--algo", "imaml", "--iterations", "2", "--eval-episodes", "4", "--threads", "1",
+                 "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--episodes", "20", "--imaml-lambda", "0"]) == 0
+    assert main(["eval", str(tmp_path), "--episodes", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "lambda 0" in lines[0] and "lambda 0.5" in lines[1], lines
+    names = sorted(path.name for path in (tmp_path / "evals").glob("*-20ep.json"))
+    assert len(names) == 2 and names[1].endswith("-10steps-lambda0-20ep.json"), names  # the default's result kept
+    proximal, plain = (json.loads((tmp_path / "evals" / name).read_text()) for name in names)
+    assert plain["imaml_lambda"] == 0 and proximal["imaml_lambda"] == 0.5
+    assert plain["mean"] != proximal["mean"]
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--imaml-lambda", "-1"])
+    assert "expected a number >= 0, got -1.0" in capsys.readouterr().err
+    maml_run = tmp_path / "maml"
+    assert main(["run", "--iterations", "2", "--eval-episodes", "4", "--threads", "1", "--out", str(maml_run)]) == 0
+    assert main(["eval", str(maml_run), "--episodes", "4", "--imaml-lambda", "0"]) == 2
+    assert "imaml_lambda applies to iMAML runs" in capsys.readouterr().err
 
 
 def test_run_command_trains_imaml_on_sinusoid_and_writes_results(tmp_path, capsys):

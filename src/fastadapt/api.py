@@ -79,14 +79,16 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
-             ensemble: int = 1, threads: int | None = None) -> dict[str, Any]:
+             ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
     `device` with `threads` torch threads (default: the run's own). With `ensemble=K`, the mean
     output of its K best validated checkpoints instead (MAML++'s protocol with K=5; the run must
     have kept them: `keep_best: K`).
 
     Other ways / shots / inner steps than in training are allowed where the model permits (a MAML
-    head has `ways` outputs; ProtoNet takes any). Writes `RUN_DIR/evals/<...>.json` and returns it.
+    head has `ways` outputs; ProtoNet takes any). `imaml_lambda`: an iMAML run's proximal strength
+    at test time (default: the run's `eval_imaml_lambda`, else its `imaml_lambda`; 0 is the authors'
+    plain fine-tuning). Writes `RUN_DIR/evals/<...>.json` and returns it.
 
     Example:
         >>> fastadapt.evaluate("runs/protonet-omniglot", shots=5, episodes=1000)["mean"]  # doctest: +SKIP
@@ -98,6 +100,10 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         config = config.replace(device=device)
     if threads is not None:
         config = config.replace(threads=threads)
+    if imaml_lambda is not None:
+        if config.algorithm != "imaml":
+            raise ConfigError(f"imaml_lambda applies to iMAML runs; {run_dir} is a {config.algorithm} run")
+        config = config.replace(eval_imaml_lambda=imaml_lambda)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
@@ -121,6 +127,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     result = {
         "dataset": config.dataset, "ways": ways, "shots": shots, "queries": queries,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
+        **({"imaml_lambda": lam} if (lam := _test_lambda(config)) is not None else {}),
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
         "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
@@ -128,9 +135,18 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
     top = f"-top{ensemble}" if ensemble > 1 else ""
-    tag = f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps-{episodes}ep{top}"
+    other_lambda = f"-lambda{lam:g}" if lam is not None and lam != config.imaml_lambda else ""
+    tag = (f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
+           f"-{episodes}ep{top}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
+
+
+def _test_lambda(config: Config) -> float | None:
+    """The proximal strength an iMAML run adapts with at test time; None for other algorithms."""
+    if config.algorithm != "imaml":
+        return None
+    return config.imaml_lambda if config.eval_imaml_lambda is None else config.eval_imaml_lambda
 
 
 def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[tuple[dict[str, Tensor], Path]]:

@@ -88,6 +88,7 @@ def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callab
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _device = _checked(str, lambda v: re.fullmatch(DEVICE_PATTERN, v) is not None, "cpu, cuda or cuda:N")
 _DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N"
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--head", choices=("linear", "cosine"), help="baseline: linear (Baseline) or cosine (Baseline++)")
     run.add_argument("--imaml-lambda", type=_positive_float, help="imaml: strength of the proximal term")
     run.add_argument("--cg-steps", type=_positive_int, help="imaml: conjugate-gradient iterations")
+    run.add_argument("--eval-imaml-lambda", type=_non_negative_float,
+                     help="imaml: proximal strength at test time (default: --imaml-lambda; 0: plain fine-tuning)")
     run.add_argument("--out", type=Path, help="run directory (default: runs/run-<date>-<time>)")
 
     recipe = commands.add_parser("train", help="meta-train and test from a YAML recipe",
@@ -151,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
     ev.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default: the run's)")
     ev.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: the run's)")
+    ev.add_argument("--imaml-lambda", type=_non_negative_float, metavar="LAMBDA",
+                    help="iMAML runs: proximal strength of the test-time inner problem (default: the run's; "
+                         "0: plain fine-tuning, the authors' measure_accuracy.py)")
     ev.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
@@ -228,10 +234,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
-                              threads=args.threads)
+                              threads=args.threads, imaml_lambda=args.imaml_lambda)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner steps" if result["inner_steps"] else "") + (
+                f", lambda {result['imaml_lambda']:g}" if "imaml_lambda" in result else "") + (
                 f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "")
             print(f"{label}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")

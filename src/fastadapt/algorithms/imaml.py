@@ -158,6 +158,9 @@ class IMAML(nn.Module):
         cg_damping: added to the Hessian of the support loss in the linear system (>= 0).
         inner_optimizer: "sgd" (the paper's iMAML-GD) or "adam".
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
+        eval_lam: the proximal strength of test-time adaptation (`adapt`, `query_outputs`,
+            `task_metrics`: evaluation and validation); None (the default): `lam`, the problem
+            training solved; 0: plain fine-tuning from theta, as the authors' `measure_accuracy.py`.
         task_group: experimental, opt-in: tasks whose inner problems and conjugate-gradient
             solves run as one batched graph (Conv4-style models, `functional.task_batched`; others
             go task by task); their support graphs are alive together. 8 measured 1.37x task by
@@ -165,7 +168,8 @@ class IMAML(nn.Module):
             it ended lower on three seeds for a cause not yet found (docs/methods/imaml.md).
             None (the default): task by task.
 
-    `adapt` and evaluation solve the same regularised inner problem as training.
+    `adapt` and evaluation solve the same regularised inner problem as training unless `eval_lam`
+    says otherwise.
 
     Example:
         >>> from fastadapt.nn import MLP
@@ -187,6 +191,7 @@ class IMAML(nn.Module):
         inner_optimizer: IMAMLInnerOptimizer = "sgd",
         task: TaskKind = "classification",
         task_group: int | None = None,
+        eval_lam: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -197,6 +202,8 @@ class IMAML(nn.Module):
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
         if not lam > 0:
             raise ValueError(f"lam (the proximal regularisation strength) must be > 0, got {lam!r}")
+        if eval_lam is not None and not eval_lam >= 0:
+            raise ValueError(f"eval_lam (the proximal strength at test time) must be >= 0 or None (lam), got {eval_lam!r}")
         if not cg_damping >= 0:
             raise ValueError(f"cg_damping must be >= 0, got {cg_damping!r}")
         if inner_optimizer not in ("sgd", "adam"):
@@ -208,6 +215,7 @@ class IMAML(nn.Module):
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.lam = float(lam)
+        self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.inner_optimizer: IMAMLInnerOptimizer = inner_optimizer
@@ -225,9 +233,10 @@ class IMAML(nn.Module):
         return ({k: p.detach() for k, p in params.items() if p.requires_grad},
                 {k: p.detach() for k, p in params.items() if not p.requires_grad})
 
-    def _solve(self, theta: Params, frozen: Params, x: Tensor, y: Tensor, steps: int) -> tuple[Params, Tensor]:
+    def _solve(self, theta: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, lam: float
+               ) -> tuple[Params, Tensor]:
         return proximal_adapt(self.model, theta, x, y, loss_fn=self._loss_fn, steps=steps, lr=self.inner_lr,
-                              lam=self.lam, optimizer=self.inner_optimizer, frozen=frozen)
+                              lam=lam, optimizer=self.inner_optimizer, frozen=frozen)
 
     def implicit_gradient(self, phi: Params, frozen: Params, support: tuple[Tensor, Tensor],
                           query: tuple[Tensor, Tensor]) -> tuple[Vectors, Tensor, Tensor]:
@@ -280,15 +289,17 @@ class IMAML(nn.Module):
         fixed = stacked_params(frozen, x.shape[0])
         return lambda phi: per_task(run({**fixed, **phi}, x), y)
 
-    def _solve_tasks(self, theta: Params, frozen: Params, part: TaskBatch, steps: int) -> tuple[Params, Tensor]:
+    def _solve_tasks(self, theta: Params, frozen: Params, part: TaskBatch, steps: int, lam: float
+                     ) -> tuple[Params, Tensor]:
         """The inner problems of the tasks of `part` at once: phi stacked `(T, ...)`, support losses `(T,)`."""
         return _proximal_descent(self._stacked_losses(frozen, part.support_x, part.support_y),
                                  stacked_params(theta, len(part)),
-                                 steps=steps, lr=self.inner_lr, lam=self.lam, optimizer=self.inner_optimizer)
+                                 steps=steps, lr=self.inner_lr, lam=lam, optimizer=self.inner_optimizer)
 
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
-        """Solves one task's inner problem and returns the adapted predictor (model untouched).
+        """Solves one task's test-time inner problem (`eval_lam`) and returns the adapted predictor
+        (model untouched).
 
         Example:
             >>> from fastadapt.nn import Conv4
@@ -297,7 +308,7 @@ class IMAML(nn.Module):
             torch.Size([3, 5])
         """
         theta, frozen = self._split()
-        phi, _ = self._solve(theta, frozen, support_x, support_y, steps or self.inner_steps)
+        phi, _ = self._solve(theta, frozen, support_x, support_y, steps or self.inner_steps, self.eval_lam)
         return AdaptedModel(self.model, {**frozen, **phi})
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -325,7 +336,7 @@ class IMAML(nn.Module):
                        ) -> tuple[Vectors, list[Tensor], list[dict[str, Tensor]]]:
         """The summed implicit meta-gradient of `part`'s tasks, their query losses and metrics: the
         inner problems and CG solves in one batched graph, the query gradients task by task."""
-        phi, support_losses = self._solve_tasks(theta, frozen, part, self.inner_steps)
+        phi, support_losses = self._solve_tasks(theta, frozen, part, self.inner_steps, self.lam)
         queries: list[Vectors] = []
         losses, rows = [], []
         for t in range(len(part)):
@@ -351,7 +362,7 @@ class IMAML(nn.Module):
         losses, rows = [], []
         for t in range(len(part)):
             ep = part[t]
-            phi, support_loss = self._solve(theta, frozen, ep.support_x, ep.support_y, self.inner_steps)
+            phi, support_loss = self._solve(theta, frozen, ep.support_x, ep.support_y, self.inner_steps, self.lam)
             if differentiate:
                 g, out, loss = self.implicit_gradient(phi, frozen, (ep.support_x, ep.support_y),
                                                       (ep.query_x, ep.query_y))
@@ -382,15 +393,17 @@ class IMAML(nn.Module):
 
     @torch.no_grad()
     def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every task's query outputs after solving its inner problem, `(T, queries, outputs)`."""
+        """Every task's query outputs after solving its test-time inner problem (`eval_lam`),
+        `(T, queries, outputs)`."""
         steps = inner_steps or self.inner_steps
         theta, frozen = self._split()
         outputs = []
         for part in self._parts(batch):
-            adapted = (self._solve_tasks(theta, frozen, part, steps)[0] if self._batched is not None else None)
+            adapted = (self._solve_tasks(theta, frozen, part, steps, self.eval_lam)[0] if self._batched is not None
+                       else None)
             for t in range(len(part)):
                 ep = part[t]
                 phi = ({n: p[t] for n, p in adapted.items()} if adapted is not None
-                       else self._solve(theta, frozen, ep.support_x, ep.support_y, steps)[0])
+                       else self._solve(theta, frozen, ep.support_x, ep.support_y, steps, self.eval_lam)[0])
                 outputs.append(forward(self.model, {**frozen, **phi}, ep.query_x))
         return torch.stack(outputs)

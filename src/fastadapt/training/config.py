@@ -95,6 +95,9 @@ class Config:
     imaml_lambda: float = 2.0
     cg_steps: int = 5
     cg_damping: float = 0.0
+    # iMAML's proximal strength at test time (evaluation, validation); null: imaml_lambda; 0: plain
+    # fine-tuning from the meta-parameters (the authors' measure_accuracy.py)
+    eval_imaml_lambda: float | None = None
     inner_optimizer: str = "sgd"
     # Baseline (linear head) / Baseline++ (cosine head), Chen et al. 2019
     head: str = "linear"
@@ -214,7 +217,11 @@ class Config:
                               f"got {self.imaml_lambda!r}")
         if not self.cg_damping >= 0:
             raise ConfigError(f"cg_damping must be >= 0, got {self.cg_damping!r}")
-        changed = [k for k, default in (("imaml_lambda", 2.0), ("cg_steps", 5), ("cg_damping", 0.0))
+        if self.eval_imaml_lambda is not None and not self.eval_imaml_lambda >= 0:
+            raise ConfigError("eval_imaml_lambda (iMAML's proximal strength at test time) must be >= 0, or null "
+                              f"for imaml_lambda, got {self.eval_imaml_lambda!r}")
+        changed = [k for k, default in (("imaml_lambda", 2.0), ("cg_steps", 5), ("cg_damping", 0.0),
+                                        ("eval_imaml_lambda", None))
                    if getattr(self, k) != default]
         if changed and self.algorithm != "imaml":
             raise ConfigError(f"{', '.join(changed)} apply to algorithm 'imaml', not {self.algorithm!r}; "
@@ -331,11 +338,11 @@ _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
     "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
-    "imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
+    "imaml_lambda": float, "eval_imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
     "meta_momentum": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
 }
-_OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads",
+_OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads", "eval_imaml_lambda",
              "per_step_inner_lr", "multi_step_loss_iterations", "per_step_bn_weights",
              "train_shots", "meta_momentum", "inner_batch", "eval_inner_batch"}
 for _f in fields(Config):

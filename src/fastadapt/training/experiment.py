@@ -99,7 +99,7 @@ def _new_learner(config: Config) -> nn.Module:
         return Baseline(model, baseline_classes(config), head=config.head)  # type: ignore[arg-type]
     if config.algorithm == "imaml":
         return IMAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, lam=config.imaml_lambda,
-                     cg_steps=config.cg_steps, cg_damping=config.cg_damping,
+                     eval_lam=config.eval_imaml_lambda, cg_steps=config.cg_steps, cg_damping=config.cg_damping,
                      inner_optimizer=config.inner_optimizer, task=config.task)  # type: ignore[arg-type]
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                                                 task=config.task, precision=config.precision, compile=config.compile,
