@@ -287,6 +287,7 @@ def test_imaml_learns_omniglot_5way_1shot_well_above_chance_and_above_its_start(
     ({"cg_steps": 2.5}, "cg_steps must be an integer"),
     ({"cg_damping": -0.1}, "cg_damping must be >= 0, got -0.1"),
     ({"eval_imaml_lambda": -0.5}, "eval_imaml_lambda (iMAML's proximal strength at test time) must be >= 0"),
+    ({"imaml_proximal": "sometimes"}, "imaml_proximal must be one of"),
     ({"inner_optimizer": "rmsprop"}, "got 'rmsprop'"),
     ({"inner_optimizer": "momentum"}, "inner_optimizer 'momentum' is not implemented for imaml; use sgd or adam"),
     ({"precision": "bf16"}, "precision 'bf16' is not implemented for imaml"),
@@ -303,6 +304,7 @@ def test_bad_constructor_arguments_name_the_value():
                             ({"cg_steps": 0}, "cg_steps must be an integer >= 1"),
                             ({"cg_damping": -1.0}, "cg_damping must be >= 0, got -1.0"),
                             ({"eval_lam": -0.1}, "eval_lam (the proximal strength at test time) must be >= 0"),
+                            ({"proximal": "never"}, "proximal must be 'every_step' or 'pull_back', got 'never'"),
                             ({"inner_optimizer": "lbfgs"}, "inner_optimizer must be 'sgd' or 'adam', got 'lbfgs'")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             IMAML(model, **kwargs)
@@ -339,6 +341,34 @@ def test_test_time_lambda_zero_is_plain_fine_tuning_and_leaves_training_alone():
         learner.meta_loss(batch)[0].backward()
         grads.append(model.weight.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_pull_back_is_plain_steps_then_one_step_toward_theta_on_every_path(one_thread):
+    """proximal="pull_back" (the authors' code): torch.optim.SGD on the support loss alone, then
+    phi <- phi - lr * lam * (phi - theta); task by task and tasks at once alike (float64)."""
+    torch.manual_seed(0)
+    model = Conv4(ways=3, hidden=4).double()
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(3).repeat(2)
+    batch = TaskBatch(torch.rand(2, 6, 1, 28, 28, generator=g, dtype=F64), torch.stack([y, y]),
+                      torch.rand(2, 6, 1, 28, 28, generator=g, dtype=F64), torch.stack([y, y]))
+    reference = Conv4(ways=3, hidden=4).double()
+    reference.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(3):
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(reference(batch.support_x[0]), batch.support_y[0]).backward()
+        sgd.step()
+    with torch.no_grad():
+        for p, p0 in zip(reference.parameters(), model.parameters()):
+            p.sub_(0.1 * 2.0 * (p - p0))
+        expected = reference(batch.query_x[0])
+    outputs = [IMAML(model, inner_lr=0.1, inner_steps=3, lam=2.0, proximal="pull_back", task_group=group
+                     ).query_outputs(batch)[0] for group in (None, 2)]
+    for got in outputs:
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    every_step = IMAML(model, inner_lr=0.1, inner_steps=3, lam=2.0).query_outputs(batch)[0]
+    assert not torch.allclose(every_step, expected, atol=1e-6)
 
 
 def test_eval_command_adapts_with_another_lambda_and_keeps_both_results(tmp_path, capsys):

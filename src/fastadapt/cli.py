@@ -23,7 +23,8 @@ from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
-from .training.config import ALGORITHMS, BACKBONES, DATASETS, DEVICE_PATTERN, Config, ConfigError, parse_overrides
+from .training.config import (ALGORITHMS, BACKBONES, DATASETS, DEVICE_PATTERN, IMAML_PROXIMAL, Config, ConfigError,
+                              parse_overrides)
 
 __all__ = ["main", "build_parser"]
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--head", choices=("linear", "cosine"), help="baseline: linear (Baseline) or cosine (Baseline++)")
     run.add_argument("--imaml-lambda", type=_positive_float, help="imaml: strength of the proximal term")
     run.add_argument("--cg-steps", type=_positive_int, help="imaml: conjugate-gradient iterations")
+    run.add_argument("--imaml-proximal", choices=IMAML_PROXIMAL,
+                     help="imaml: the proximal term in every inner step (the paper; default) or one pull-back "
+                          "step after plain steps (the authors' code)")
     run.add_argument("--eval-imaml-lambda", type=_non_negative_float,
                      help="imaml: proximal strength at test time (default: --imaml-lambda; 0: plain fine-tuning)")
     run.add_argument("--out", type=Path, help="run directory (default: runs/run-<date>-<time>)")

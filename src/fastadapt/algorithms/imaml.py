@@ -37,6 +37,9 @@ from .objectives import TaskKind, check_kind, task_loss, task_metrics
 __all__ = ["IMAML", "conjugate_gradient", "proximal_adapt"]
 
 IMAMLInnerOptimizer = Literal["sgd", "adam"]
+# where the proximal term acts: in every inner step's gradient (the paper's objective), or once,
+# as one SGD step on it after plain optimizer steps on the support loss (the authors' code)
+ProximalMode = Literal["every_step", "pull_back"]
 Vectors = list[Tensor]
 
 
@@ -101,11 +104,14 @@ def proximal_adapt(
     lam: float,
     optimizer: IMAMLInnerOptimizer = "sgd",
     frozen: Params | None = None,
+    proximal: ProximalMode = "every_step",
 ) -> tuple[Params, Tensor]:
     """Approximately minimises `loss_fn(model(x; phi), y) + lam/2 ||phi - theta||^2` from phi = theta.
 
     `steps` steps of `torch.optim.SGD` or `torch.optim.Adam` on a detached copy of `theta` (no
     graph survives a step, so memory does not grow with `steps`; works under `torch.no_grad()`).
+    `proximal="pull_back"` (the authors' code): the steps see the support loss alone, then one SGD
+    step on the proximal term, phi <- phi - lr * lam * (phi - theta), pulls phi back toward theta.
     `frozen` parameters take part in the forward pass but do not adapt. Returns the adapted
     (detached) parameters and the support loss at theta.
 
@@ -119,11 +125,11 @@ def proximal_adapt(
     """
     fixed = {name: t.detach() for name, t in (frozen or {}).items()}
     return _proximal_descent(lambda phi: loss_fn(forward(model, {**fixed, **phi}, x), y), theta,
-                             steps=steps, lr=lr, lam=lam, optimizer=optimizer)
+                             steps=steps, lr=lr, lam=lam, optimizer=optimizer, proximal=proximal)
 
 
 def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, steps: int, lr: float, lam: float,
-                      optimizer: IMAMLInnerOptimizer) -> tuple[Params, Tensor]:
+                      optimizer: IMAMLInnerOptimizer, proximal: ProximalMode) -> tuple[Params, Tensor]:
     """The inner loop of `proximal_adapt` for any loss: `losses_at(phi)` is one loss, or one per
     task `(T,)` for tasks stacked on the parameters' leading dimension (their sum is minimised: the
     tasks are independent, and SGD and Adam act element-wise, so each task steps as it would alone)."""
@@ -132,6 +138,7 @@ def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, s
     opt: torch.optim.Optimizer = (torch.optim.Adam(leaves, lr=lr) if optimizer == "adam"
                                   else torch.optim.SGD(leaves, lr=lr))
     first_loss = None
+    every_step = lam if proximal == "every_step" else 0.0
     with torch.enable_grad():
         for _ in range(steps):
             loss = losses_at(phi)
@@ -140,8 +147,12 @@ def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, s
                 first_loss = loss.detach()
             with torch.no_grad():
                 for name, g in zip(phi, grads):
-                    phi[name].grad = g + lam * (phi[name] - theta[name].detach())
+                    phi[name].grad = g + every_step * (phi[name] - theta[name].detach())
             opt.step()
+    if proximal == "pull_back":
+        with torch.no_grad():
+            for name, t in phi.items():
+                t.sub_(lr * lam * (t - theta[name].detach()))
     assert first_loss is not None
     return {name: t.detach() for name, t in phi.items()}, first_loss
 
@@ -157,6 +168,9 @@ class IMAML(nn.Module):
         cg_steps: conjugate-gradient iterations for the meta-gradient (>= 1).
         cg_damping: added to the Hessian of the support loss in the linear system (>= 0).
         inner_optimizer: "sgd" (the paper's iMAML-GD) or "adam".
+        proximal: "every_step" (the paper's objective: the proximal term in every inner step's
+            gradient) or "pull_back" (the authors' code: plain steps on the support loss, then one
+            SGD step on the proximal term toward theta); the meta-gradient is the same CG solve.
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
         eval_lam: the proximal strength of test-time adaptation (`adapt`, `query_outputs`,
             `task_metrics`: evaluation and validation); None (the default): `lam`, the problem
@@ -189,6 +203,7 @@ class IMAML(nn.Module):
         cg_steps: int = 5,
         cg_damping: float = 0.0,
         inner_optimizer: IMAMLInnerOptimizer = "sgd",
+        proximal: ProximalMode = "every_step",
         task: TaskKind = "classification",
         task_group: int | None = None,
         eval_lam: float | None = None,
@@ -208,6 +223,8 @@ class IMAML(nn.Module):
             raise ValueError(f"cg_damping must be >= 0, got {cg_damping!r}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if proximal not in ("every_step", "pull_back"):
+            raise ValueError(f"proximal must be 'every_step' or 'pull_back', got {proximal!r}")
         if task_group is not None and (isinstance(task_group, bool) or not isinstance(task_group, int)
                                        or task_group < 1):
             raise ValueError(f"task_group must be an integer >= 1 or None (task by task), got {task_group!r}")
@@ -219,6 +236,7 @@ class IMAML(nn.Module):
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.inner_optimizer: IMAMLInnerOptimizer = inner_optimizer
+        self.proximal: ProximalMode = proximal
         self.task = check_kind(task)
         self.task_group = task_group
         self._batched = task_batched_forward(model) if task_group is not None else None
@@ -236,7 +254,7 @@ class IMAML(nn.Module):
     def _solve(self, theta: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, lam: float
                ) -> tuple[Params, Tensor]:
         return proximal_adapt(self.model, theta, x, y, loss_fn=self._loss_fn, steps=steps, lr=self.inner_lr,
-                              lam=lam, optimizer=self.inner_optimizer, frozen=frozen)
+                              lam=lam, optimizer=self.inner_optimizer, frozen=frozen, proximal=self.proximal)
 
     def implicit_gradient(self, phi: Params, frozen: Params, support: tuple[Tensor, Tensor],
                           query: tuple[Tensor, Tensor]) -> tuple[Vectors, Tensor, Tensor]:
@@ -294,7 +312,8 @@ class IMAML(nn.Module):
         """The inner problems of the tasks of `part` at once: phi stacked `(T, ...)`, support losses `(T,)`."""
         return _proximal_descent(self._stacked_losses(frozen, part.support_x, part.support_y),
                                  stacked_params(theta, len(part)),
-                                 steps=steps, lr=self.inner_lr, lam=lam, optimizer=self.inner_optimizer)
+                                 steps=steps, lr=self.inner_lr, lam=lam, optimizer=self.inner_optimizer,
+                                 proximal=self.proximal)
 
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:

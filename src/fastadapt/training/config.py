@@ -31,6 +31,7 @@ SCHEDULES = ("constant", "cosine", "step", "linear")
 PRECISIONS = ("fp32", "bf16")
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 HEADS = ("linear", "cosine")
+IMAML_PROXIMAL = ("every_step", "pull_back")
 # the MAML family: one GradientLearner with options (algorithms.gradient)
 _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
@@ -98,6 +99,8 @@ class Config:
     # iMAML's proximal strength at test time (evaluation, validation); null: imaml_lambda; 0: plain
     # fine-tuning from the meta-parameters (the authors' measure_accuracy.py)
     eval_imaml_lambda: float | None = None
+    # where iMAML's proximal term acts: every_step (the paper) or pull_back (the authors' code)
+    imaml_proximal: str = "every_step"
     inner_optimizer: str = "sgd"
     # Baseline (linear head) / Baseline++ (cosine head), Chen et al. 2019
     head: str = "linear"
@@ -198,6 +201,7 @@ class Config:
         _choice("precision", self.precision, PRECISIONS)
         _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         _choice("head", self.head, HEADS)
+        _choice("imaml_proximal", self.imaml_proximal, IMAML_PROXIMAL)
         _check_device(self.device)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
                     "log_every", "checkpoint_every", "schedule_step", "cg_steps", "keep_best"):
@@ -221,7 +225,7 @@ class Config:
             raise ConfigError("eval_imaml_lambda (iMAML's proximal strength at test time) must be >= 0, or null "
                               f"for imaml_lambda, got {self.eval_imaml_lambda!r}")
         changed = [k for k, default in (("imaml_lambda", 2.0), ("cg_steps", 5), ("cg_damping", 0.0),
-                                        ("eval_imaml_lambda", None))
+                                        ("eval_imaml_lambda", None), ("imaml_proximal", "every_step"))
                    if getattr(self, k) != default]
         if changed and self.algorithm != "imaml":
             raise ConfigError(f"{', '.join(changed)} apply to algorithm 'imaml', not {self.algorithm!r}; "
@@ -338,7 +342,7 @@ _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
     "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
-    "imaml_lambda": float, "eval_imaml_lambda": float, "cg_damping": float, "inner_optimizer": str, "head": str,
+    "imaml_lambda": float, "eval_imaml_lambda": float, "imaml_proximal": str, "cg_damping": float, "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
     "meta_momentum": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
 }
