@@ -123,11 +123,12 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
                      else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
     metric = "accuracy" if "accuracy" in estimates else "loss"
+    imaml_test_lambda = config.effective_eval_imaml_lambda if config.algorithm == "imaml" else None
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
         "dataset": config.dataset, "ways": ways, "shots": shots, "queries": queries,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
-        **({"imaml_lambda": lam} if (lam := _test_lambda(config)) is not None else {}),
+        **({"imaml_lambda": imaml_test_lambda} if imaml_test_lambda is not None else {}),
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
         "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
@@ -135,18 +136,12 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
     top = f"-top{ensemble}" if ensemble > 1 else ""
-    other_lambda = f"-lambda{lam:g}" if lam is not None and lam != config.imaml_lambda else ""
+    other_lambda = (f"-lambda{imaml_test_lambda:g}" if imaml_test_lambda is not None
+                    and imaml_test_lambda != config.imaml_lambda else "")
     tag = (f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
            f"-{episodes}ep{top}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
-
-
-def _test_lambda(config: Config) -> float | None:
-    """The proximal strength an iMAML run adapts with at test time; None for other algorithms."""
-    if config.algorithm != "imaml":
-        return None
-    return config.imaml_lambda if config.eval_imaml_lambda is None else config.eval_imaml_lambda
 
 
 def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[tuple[dict[str, Tensor], Path]]:

@@ -58,8 +58,8 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # Matching Networks: trained on test-like episodes (5-way), ProtoNet's queries, Adam and budget
     ("omniglot", "matchingnet"): dict(queries=5, meta_lr=1e-3, meta_batch=1, iterations=2500),
     # iMAML: the recipes' inner problem and damped system (recipes/imaml/: inner SGD 0.1, lambda 2,
-    # 5 CG steps, damping 22 from the authors' code), 5 inner steps instead of 16 and the short budget; baseline: Chen et al.'s pre-training (batches
-    # of 16, Adam 1e-3) for 1 epoch instead of 5
+    # 5 CG steps, damping 22 from the authors' code), 5 inner steps instead of 16 and the short
+    # budget; baseline: Chen et al.'s pre-training (batches of 16, Adam 1e-3) for 1 epoch instead of 5
     ("omniglot", "imaml"): dict(inner_steps=5, eval_inner_steps=5, inner_lr=0.1, imaml_lambda=2.0, cg_steps=5,
                                 cg_damping=22.0, meta_lr=3e-3, meta_batch=8, iterations=250),
     ("omniglot", "baseline"): dict(train_ways=16, train_shots=1, meta_lr=1e-3, meta_batch=1, iterations=6000),

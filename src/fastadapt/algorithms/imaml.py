@@ -23,7 +23,7 @@ here with damping 22 up to a constant factor (see docs/methods/imaml.md and reci
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -223,7 +223,7 @@ class IMAML(nn.Module):
             raise ValueError(f"cg_damping must be >= 0, got {cg_damping!r}")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-        if proximal not in ("every_step", "pull_back"):
+        if proximal not in get_args(ProximalMode):
             raise ValueError(f"proximal must be 'every_step' or 'pull_back', got {proximal!r}")
         if task_group is not None and (isinstance(task_group, bool) or not isinstance(task_group, int)
                                        or task_group < 1):

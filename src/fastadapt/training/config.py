@@ -171,6 +171,11 @@ class Config:
     def effective_eval_inner_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
 
+    @property
+    def effective_eval_imaml_lambda(self) -> float:
+        """iMAML's proximal strength at test time: `eval_imaml_lambda`, else `imaml_lambda`."""
+        return self.imaml_lambda if self.eval_imaml_lambda is None else self.eval_imaml_lambda
+
     def mamlpp_options(self) -> dict[str, Any]:
         """The MAML++ options of the gradient learner, nulls resolved: on for maml++ (per-step BN
         weights where the backbone has BatchNorm), off for the rest of the MAML family.
@@ -342,7 +347,8 @@ _TYPES: dict[str, type] = {
     "name": str, "data_root": str, "algorithm": str, "dataset": str, "backbone": str, "optimizer": str,
     "schedule": str, "inner_lr": float, "meta_lr": float, "schedule_gamma": float, "tensorboard": bool,
     "precision": str, "compile": bool, "checkpoint_inner_loop": bool,
-    "imaml_lambda": float, "eval_imaml_lambda": float, "imaml_proximal": str, "cg_damping": float, "inner_optimizer": str, "head": str,
+    "imaml_lambda": float, "eval_imaml_lambda": float, "imaml_proximal": str, "cg_damping": float,
+    "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
     "meta_momentum": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
 }
