@@ -47,12 +47,14 @@ def run_config(run_dir: PathLike) -> Config:
 
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,
           resume: bool = False, overrides: Mapping[str, Any] | None = None, device: str | None = None,
-          threads: int | None = None, progress: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          threads: int | None = None, task_workers: int | None = None, progress: bool = True,
+          on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Meta-trains and tests one config in a run directory; returns what `results.json` holds.
 
     `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
-    `device` (cpu, cuda, cuda:N) and `threads` (torch's intra-op threads) override where and on how
-    many threads the run trains, a resumed one included (neither changes what it computes, beyond rounding).
+    `device` (cpu, cuda, cuda:N), `threads` (torch's intra-op threads) and `task_workers` (task
+    groups at once, config key `task_workers`) override where and on how many threads the run
+    trains, a resumed one included (none changes what it computes, beyond rounding).
     `progress` shows a progress bar; `on_row` receives every logged metrics row.
 
     Example:
@@ -73,6 +75,8 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
         resolved = resolved.replace(device=device)
     if threads is not None:
         resolved = resolved.replace(threads=threads)
+    if task_workers is not None:
+        resolved = resolved.replace(task_workers=task_workers)
     run_dir = Path(out) if out is not None else default_run_dir(resolved)
     return Trainer(resolved, run_dir, progress=progress, on_row=on_row).fit(resume=resume)
 

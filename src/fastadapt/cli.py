@@ -93,6 +93,8 @@ _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _device = _checked(str, lambda v: re.fullmatch(DEVICE_PATTERN, v) is not None, "cpu, cuda or cuda:N")
 _DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N"
+_TASK_WORKERS_HELP = ("MAML family on conv4, CPU: train this many task groups at once, one thread each (the "
+                      "meta-gradients of a --threads 1 run; faster on 2+ cores, that many groups in memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and training episodes")
     run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    run.add_argument("--task-workers", type=_positive_int, help=_TASK_WORKERS_HELP + " (default 1)")
     run.add_argument("--precision", choices=("fp32", "bf16"),
                      help="bf16: bf16 autocast, float32 weights and meta-gradients (default fp32)")
     run.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default cpu)")
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=_DEVICE_HELP + " (default: the recipe's); with --resume, where the run continues")
     recipe.add_argument("--threads", type=_positive_int,
                         help="torch intra-op threads (default: the recipe's); with --resume, for this resumed process")
+    recipe.add_argument("--task-workers", type=_positive_int,
+                        help=_TASK_WORKERS_HELP + " (default: the recipe's); with --resume, for this resumed process")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)
@@ -208,15 +213,15 @@ def _summary(results: dict[str, Any], run_dir: Path) -> None:
 
 
 def _train(config: Config | None, run_dir: Path, resume: bool, device: str | None = None,
-           threads: int | None = None) -> None:
+           threads: int | None = None, task_workers: int | None = None) -> None:
     shown = run_config(run_dir) if resume else config
     assert shown is not None
     print(f"fastadapt {__version__}: {shown.algorithm} on {shown.dataset} "
           + (f"({shown.ways}-way {shown.shots}-shot)" if shown.task == "classification" else f"({shown.shots} shots)")
           + f"  -> {run_dir}", flush=True)
     interactive = sys.stderr.isatty()
-    results = train(config, run_dir, resume=resume, device=device, threads=threads, progress=interactive,
-                    on_row=None if interactive else _printer(shown))
+    results = train(config, run_dir, resume=resume, device=device, threads=threads, task_workers=task_workers,
+                    progress=interactive, on_row=None if interactive else _printer(shown))
     _summary(results, run_dir)
 
 
@@ -228,12 +233,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.resume is not None:
             if args.recipe is not None or args.overrides:
                 raise ConfigError("--resume continues a run with its own config: give no recipe or --set")
-            _train(None, args.resume, resume=True, device=args.device, threads=args.threads)
+            _train(None, args.resume, resume=True, device=args.device, threads=args.threads,
+                   task_workers=args.task_workers)
             return
         if args.recipe is None:
             raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
         config = resolve_config(args.recipe, parse_overrides(args.overrides))
-        _train(config, args.out or default_run_dir(config), resume=False, device=args.device, threads=args.threads)
+        _train(config, args.out or default_run_dir(config), resume=False, device=args.device, threads=args.threads,
+               task_workers=args.task_workers)
     elif args.command == "eval":
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,

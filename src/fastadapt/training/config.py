@@ -85,6 +85,10 @@ class Config:
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
+    # MAML family on conv4 (CPU): task groups run this many at once in Python threads with one
+    # intra-op thread each; the meta-gradient is a one-thread run's bit for bit (not part of what a
+    # result depends on, like threads: a run resumes with another count)
+    task_workers: int = 1
     # where the learner and its episodes live: cpu, cuda or cuda:N (not part of what a result depends
     # on: a run trained on a GPU resumes and evaluates on a CPU and back)
     device: str = "cpu"
@@ -209,7 +213,7 @@ class Config:
         _choice("imaml_proximal", self.imaml_proximal, IMAML_PROXIMAL)
         _check_device(self.device)
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
-                    "log_every", "checkpoint_every", "schedule_step", "cg_steps", "keep_best"):
+                    "log_every", "checkpoint_every", "schedule_step", "cg_steps", "keep_best", "task_workers"):
             _at_least(key, getattr(self, key), 1)
         for key in ("train_ways", "eval_inner_steps", "threads"):
             if getattr(self, key) is not None:
@@ -272,6 +276,20 @@ class Config:
             raise ConfigError("early_stopping needs validation_every > 0 (it counts validations without improvement)")
         if self.keep_best > 1 and not self.validation_every:
             raise ConfigError(f"keep_best={self.keep_best} needs validation_every > 0 (it keeps the best validated weights)")
+        self._check_task_workers()
+
+    def _check_task_workers(self) -> None:
+        """task_workers > 1 needs the task-grouped support phase: the MAML family on conv4."""
+        if self.task_workers == 1:
+            return
+        why = [f"algorithm {self.algorithm!r} (the MAML family: {', '.join(_MAML_FAMILY)})"
+               if self.algorithm not in _MAML_FAMILY else "",
+               f"backbone {self.backbone!r} (conv4, with max-pool blocks)" if self.backbone != "conv4" else "",
+               "compile (one compiled query pass cannot serve two threads)" if self.compile else "",
+               "per_step_bn_statistics (it runs task by task)" if self.per_step_bn_statistics else ""]
+        if any(why):
+            raise ConfigError(f"task_workers={self.task_workers} runs task groups of the MAML family on conv4 in "
+                              f"threads; not with {'; '.join(w for w in why if w)}. Set task_workers: 1")
 
     def _check_reptile_matching(self) -> None:
         """train_shots, the outer momentum, and the Reptile and Matching Networks keys."""

@@ -105,7 +105,8 @@ def _new_learner(config: Config) -> nn.Module:
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                                                 task=config.task, precision=config.precision, compile=config.compile,
                                                 checkpoint_inner_loop=config.checkpoint_inner_loop,
-                                                inner_optimizer=config.inner_optimizer, **config.mamlpp_options())
+                                                task_workers=config.task_workers, inner_optimizer=config.inner_optimizer,
+                                                **config.mamlpp_options())
 
 
 def _omniglot_splits(config: Config) -> dict[str, Any]:

@@ -76,8 +76,8 @@ def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
 
 def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys a result depends on: all but where and on how many threads it runs (a run
-    resumes on another device, or with another thread count)."""
-    return {k: v for k, v in config.items() if k not in ("device", "threads")}
+    resumes on another device, or with another thread count or number of task workers)."""
+    return {k: v for k, v in config.items() if k not in ("device", "threads", "task_workers")}
 
 
 def _git(*args: str) -> str | None:

@@ -1,0 +1,111 @@
+"""`task_workers` in configs, recipes and the CLI: a run trains exactly as its one-thread twin,
+resumes with another worker count, and the key is refused where it cannot apply."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastadapt
+import fastadapt.functional.task_batched as task_batched
+from fastadapt.cli import main
+from fastadapt.training.checkpoint import load_checkpoint, step_name
+from fastadapt.training.config import Config, ConfigError
+
+DATA = Path(os.environ.get("FASTADAPT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.zip").is_file(),
+                                    reason=f"Omniglot zips not found under {DATA}/omniglot (set FASTADAPT_DATA)")
+
+# MAML++ on real Omniglot 5w1s, shrunk: 2 inner steps (per-step rates and BatchNorm weights, the
+# multi-step loss), meta-batch 6 (three task groups of 2), 6 outer steps, a checkpoint every 2.
+TINY = dict(algorithm="maml++", dataset="omniglot", backbone="conv4", data_root=str(DATA), ways=5, shots=1,
+            queries=2, eval_queries=2, inner_steps=2, meta_batch=6, iterations=6, log_every=1,
+            checkpoint_every=2, multi_step_loss_iterations=3, eval_episodes=4, threads=1)
+
+
+@pytest.fixture
+def restore_threads():
+    """The trainer sets the process's thread count; put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in ("tasks_per_s", "elapsed_s")} for row in csv.DictReader(f)]
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(run / "checkpoints" / f"{step_name(step)}.json")
+    return {k: v for k, v in tensors.items() if k.startswith(("learner.", "optimizer."))}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_omniglot
+@pytest.mark.usefixtures("restore_threads")
+def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path, monkeypatch):
+    seen: list[int] = []
+    map_in_threads = task_batched.map_in_threads
+
+    def recorded(fn, items, workers):
+        seen.append(workers)
+        return map_in_threads(fn, items, workers)
+
+    monkeypatch.setattr(task_batched, "map_in_threads", recorded)
+    alone = fastadapt.train(TINY, tmp_path / "alone", progress=False)
+    assert set(seen) == {1}
+    seen.clear()
+    workers = fastadapt.train({**TINY, "task_workers": 3}, tmp_path / "workers", progress=False)
+    assert workers["config"]["task_workers"] == 3 and set(seen) == {3} and len(seen) == TINY["iterations"]
+    assert _rows(tmp_path / "workers") == _rows(tmp_path / "alone")
+    assert _same(_weights(tmp_path / "workers", 6), _weights(tmp_path / "alone", 6))
+    assert (workers["mean"], workers["ci95"]) == (alone["mean"], alone["ci95"])
+
+
+@needs_omniglot
+@pytest.mark.usefixtures("restore_threads")
+def test_a_run_resumes_with_another_number_of_task_workers(tmp_path):
+    whole = fastadapt.train(TINY, tmp_path / "whole", progress=False)
+    cut = tmp_path / "cut"
+    fastadapt.train(TINY, cut, progress=False)
+    for f in (cut / "checkpoints").iterdir():  # as if killed just after the step-4 checkpoint
+        if not f.name.startswith(step_name(4)):
+            f.unlink()
+    (cut / "results.json").unlink()
+    resumed = fastadapt.train(out=cut, resume=True, task_workers=2, progress=False)
+    assert resumed["config"]["task_workers"] == 2
+    assert _same(_weights(cut, 6), _weights(tmp_path / "whole", 6))
+    assert (resumed["mean"], resumed["steps"]) == (whole["mean"], 6)
+
+
+@pytest.mark.parametrize("values, named", [
+    (dict(algorithm="protonet"), "algorithm 'protonet' (the MAML family: maml, fomaml, metasgd, anil, maml++)"),
+    (dict(backbone="conv4-strided"), "backbone 'conv4-strided' (conv4, with max-pool blocks)"),
+    (dict(compile=True), "compile (one compiled query pass cannot serve two threads)"),
+    (dict(algorithm="maml++", per_step_bn_statistics=True), "per_step_bn_statistics (it runs task by task)"),
+])
+def test_task_workers_are_refused_where_they_cannot_apply(values, named):
+    omniglot = dict(dataset="omniglot", backbone="conv4", task_workers=2)
+    with pytest.raises(ConfigError, match="task_workers=2 runs task groups") as error:
+        Config.from_dict({**omniglot, **values})
+    assert named in str(error.value) and "Set task_workers: 1" in str(error.value)
+    assert Config.from_dict({**omniglot, **values, "task_workers": 1}).task_workers == 1
+    with pytest.raises(ConfigError, match="task_workers must be >= 1, got 0"):
+        Config.from_dict({**omniglot, "task_workers": 0})
+
+
+def test_cli_flags_name_a_bad_worker_count_and_refuse_a_sinusoid_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--task-workers", "0", "--out", str(tmp_path / "a")])
+    assert "argument --task-workers: expected a positive integer, got 0" in capsys.readouterr().err
+    assert main(["run", "--task-workers", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "backbone 'mlp' (conv4, with max-pool blocks)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
