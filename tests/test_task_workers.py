@@ -1,5 +1,6 @@
-"""`task_workers` in configs, recipes and the CLI: a run trains exactly as its one-thread twin,
-resumes with another worker count, and the key is refused where it cannot apply."""
+"""`task_workers` in configs, recipes and the CLI: a MAML++ or iMAML run trains and tests exactly
+as its one-thread twin, resumes with another worker count, and the key is refused where it cannot
+apply."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import fastadapt
+import fastadapt.algorithms.imaml as imaml
 import fastadapt.functional.task_batched as task_batched
+import fastadapt.training.evaluate as evaluate
 from fastadapt.cli import main
 from fastadapt.training.checkpoint import load_checkpoint, step_name
 from fastadapt.training.config import Config, ConfigError
@@ -24,7 +27,10 @@ needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.
 # multi-step loss), meta-batch 6 (three task groups of 2), 6 outer steps, a checkpoint every 2.
 TINY = dict(algorithm="maml++", dataset="omniglot", backbone="conv4", data_root=str(DATA), ways=5, shots=1,
             queries=2, eval_queries=2, inner_steps=2, meta_batch=6, iterations=6, log_every=1,
-            checkpoint_every=2, multi_step_loss_iterations=3, eval_episodes=4, threads=1)
+            checkpoint_every=2, multi_step_loss_iterations=3, eval_episodes=70, threads=1)
+# iMAML the same size, task by task: 2 inner steps, 3 conjugate-gradient steps, damped
+TINY_IMAML = {**{k: v for k, v in TINY.items() if k != "multi_step_loss_iterations"},
+              "algorithm": "imaml", "inner_lr": 0.1, "cg_steps": 3, "cg_damping": 22.0}
 
 
 @pytest.fixture
@@ -51,7 +57,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @needs_omniglot
 @pytest.mark.usefixtures("restore_threads")
-def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [TINY, TINY_IMAML], ids=["maml++", "imaml"])
+def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path, monkeypatch, config):
     seen: list[int] = []
     map_in_threads = task_batched.map_in_threads
 
@@ -59,15 +66,20 @@ def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path,
         seen.append(workers)
         return map_in_threads(fn, items, workers)
 
-    monkeypatch.setattr(task_batched, "map_in_threads", recorded)
-    alone = fastadapt.train(TINY, tmp_path / "alone", progress=False)
+    for module in (task_batched, imaml, evaluate):
+        monkeypatch.setattr(module, "map_in_threads", recorded)
+    alone = fastadapt.train(config, tmp_path / "alone", progress=False)
     assert set(seen) == {1}
     seen.clear()
-    workers = fastadapt.train({**TINY, "task_workers": 3}, tmp_path / "workers", progress=False)
-    assert workers["config"]["task_workers"] == 3 and set(seen) == {3} and len(seen) == TINY["iterations"]
+    workers = fastadapt.train({**config, "task_workers": 3}, tmp_path / "workers", progress=False)
+    # every training step, then the test: its 70 episodes in three batches, at once
+    assert workers["config"]["task_workers"] == 3 and seen == [3] * (config["iterations"] + 1)
     assert _rows(tmp_path / "workers") == _rows(tmp_path / "alone")
     assert _same(_weights(tmp_path / "workers", 6), _weights(tmp_path / "alone", 6))
     assert (workers["mean"], workers["ci95"]) == (alone["mean"], alone["ci95"])
+    seen.clear()
+    again = fastadapt.evaluate(tmp_path / "alone", episodes=70, task_workers=2)  # `fastadapt eval --task-workers`
+    assert seen == [2] and (again["mean"], again["ci95"]) == (alone["mean"], alone["ci95"])
 
 
 @needs_omniglot
@@ -87,14 +99,14 @@ def test_a_run_resumes_with_another_number_of_task_workers(tmp_path):
 
 
 @pytest.mark.parametrize("values, named", [
-    (dict(algorithm="protonet"), "algorithm 'protonet' (the MAML family: maml, fomaml, metasgd, anil, maml++)"),
+    (dict(algorithm="protonet"), "algorithm 'protonet' (maml, fomaml, metasgd, anil, maml++, imaml)"),
     (dict(backbone="conv4-strided"), "backbone 'conv4-strided' (conv4, with max-pool blocks)"),
     (dict(compile=True), "compile (one compiled query pass cannot serve two threads)"),
     (dict(algorithm="maml++", per_step_bn_statistics=True), "per_step_bn_statistics (it runs task by task)"),
 ])
 def test_task_workers_are_refused_where_they_cannot_apply(values, named):
     omniglot = dict(dataset="omniglot", backbone="conv4", task_workers=2)
-    with pytest.raises(ConfigError, match="task_workers=2 runs task groups") as error:
+    with pytest.raises(ConfigError, match="task_workers=2 trains tasks in threads; not with") as error:
         Config.from_dict({**omniglot, **values})
     assert named in str(error.value) and "Set task_workers: 1" in str(error.value)
     assert Config.from_dict({**omniglot, **values, "task_workers": 1}).task_workers == 1

@@ -83,9 +83,11 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
-             ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None) -> dict[str, Any]:
+             ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None,
+             task_workers: int | None = None) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
-    `device` with `threads` torch threads (default: the run's own). With `ensemble=K`, the mean
+    `device` with `threads` torch threads and `task_workers` episode batches at once (default: the
+    run's own; see `evaluate_learner`). With `ensemble=K`, the mean
     output of its K best validated checkpoints instead (MAML++'s protocol with K=5; the run must
     have kept them: `keep_best: K`).
 
@@ -104,6 +106,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         config = config.replace(device=device)
     if threads is not None:
         config = config.replace(threads=threads)
+    if task_workers is not None:
+        config = config.replace(task_workers=task_workers)
     if imaml_lambda is not None:
         if config.algorithm != "imaml":
             raise ConfigError(f"imaml_lambda applies to iMAML runs; {run_dir} is a {config.algorithm} run")

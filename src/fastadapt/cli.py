@@ -93,8 +93,9 @@ _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _device = _checked(str, lambda v: re.fullmatch(DEVICE_PATTERN, v) is not None, "cpu, cuda or cuda:N")
 _DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N"
-_TASK_WORKERS_HELP = ("MAML family on conv4, CPU: train this many task groups at once, one thread each (the "
-                      "meta-gradients of a --threads 1 run; faster on 2+ cores, that many groups in memory)")
+_TASK_WORKERS_HELP = ("MAML family and imaml on conv4, CPU: train this many tasks (task groups) and evaluate "
+                      "this many episode batches at once, one thread each (a --threads 1 run's numbers; "
+                      "faster on 2+ cores, more memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
     ev.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default: the run's)")
     ev.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: the run's)")
+    ev.add_argument("--task-workers", type=_positive_int,
+                    help="MAML family and imaml on conv4, CPU: evaluate this many batches of episodes at once, one "
+                         "thread each (a one-thread evaluation's numbers; default: the run's)")
     ev.add_argument("--imaml-lambda", type=_non_negative_float, metavar="LAMBDA",
                     help="iMAML runs: proximal strength of the test-time inner problem (default: the run's; "
                          "0: plain fine-tuning, the authors' measure_accuracy.py)")
@@ -245,7 +249,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
-                              threads=args.threads, imaml_lambda=args.imaml_lambda)
+                              threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner steps" if result["inner_steps"] else "") + (

@@ -40,11 +40,10 @@ from torch.func import vmap
 from ..data.episodes import TaskBatch
 from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
                           mixed_precision, split_meta_gradients)
-from ..functional.fused_block import fused_forward
 from ..functional.inner_loop import StepHooks
 from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
-from ..functional.task_batched import batched_meta_gradients, task_batched_forward
+from ..functional.task_batched import batched_meta_gradients, check_task_workers, task_batched_forward
 from .annealing import multi_step_loss_weights
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
@@ -240,14 +239,9 @@ class GradientLearner(nn.Module):
                                        or task_group < 1):
             raise ValueError(f"task_group must be an integer >= 1 or None, got {task_group!r}")
         self.task_group = task_group
-        if isinstance(task_workers, bool) or not isinstance(task_workers, int) or task_workers < 1:
-            raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
+        self.task_workers = check_task_workers(task_workers, model)
         if task_workers > 1 and compile:
             raise ValueError("task_workers > 1 runs task groups in threads, which compile=True does not support")
-        if task_workers > 1 and fused_forward(model) is None:  # the other forwards use functional_call
-            raise ValueError(f"task_workers > 1 needs a fastadapt Conv4 with max-pool blocks (its forward is "
-                             f"thread-safe), got {type(model).__name__}")
-        self.task_workers = task_workers
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
         self._task_batched = task_batched_forward(model)
 

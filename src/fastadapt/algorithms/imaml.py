@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import Params, add_gradients, forward, loss_with_grads
-from ..functional.task_batched import per_task_losses, stacked_params, task_batched_forward
+from ..functional.task_batched import check_task_workers, per_task_losses, stacked_params, task_batched_forward
+from ..runtime import map_in_threads
 from .gradient import AdaptedModel
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
@@ -181,6 +182,10 @@ class IMAML(nn.Module):
             task on the CPU (benchmarks/imaml_paths_cpu.py), but short float32 training runs with
             it ended lower on three seeds for a cause not yet found (docs/methods/imaml.md).
             None (the default): task by task.
+        task_workers: on the CPU, train this many tasks (or task groups) at once in Python
+            threads with one intra-op thread each (`runtime.map_in_threads`; a fastadapt Conv4
+            with max-pool blocks): the meta-gradient of a one-thread run bit for bit, faster on
+            2+ cores, that many tasks' graphs in memory. Evaluation is unchanged.
 
     `adapt` and evaluation solve the same regularised inner problem as training unless `eval_lam`
     says otherwise.
@@ -207,6 +212,7 @@ class IMAML(nn.Module):
         task: TaskKind = "classification",
         task_group: int | None = None,
         eval_lam: float | None = None,
+        task_workers: int = 1,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -239,6 +245,7 @@ class IMAML(nn.Module):
         self.proximal: ProximalMode = proximal
         self.task = check_kind(task)
         self.task_group = task_group
+        self.task_workers = check_task_workers(task_workers, model)
         self._batched = task_batched_forward(model) if task_group is not None else None
 
     # -- the pieces ---------------------------------------------------------------------------
@@ -296,9 +303,12 @@ class IMAML(nn.Module):
             g = conjugate_gradient(matvec, v, self.cg_steps, batched=batched)
         return [t.detach() for t in g]
 
-    def _parts(self, batch: TaskBatch) -> list[TaskBatch]:
-        """The batch in task groups where tasks can be solved at once, else whole (task by task)."""
-        return batch.split(self.task_group or len(batch)) if self._batched is not None else [batch]
+    def _parts(self, batch: TaskBatch, workers: int = 1) -> list[TaskBatch]:
+        """The batch in task groups where tasks can be solved at once, else whole (task by task),
+        or one task per part for `workers` > 1."""
+        if self._batched is not None:
+            return batch.split(self.task_group or len(batch))
+        return batch.split(1) if workers > 1 else [batch]
 
     def _stacked_losses(self, frozen: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
         """Per-task losses `(T,)` of stacked parameters on stacked inputs, frozen entries shared."""
@@ -340,16 +350,20 @@ class IMAML(nn.Module):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         differentiate = torch.is_grad_enabled() and bool(trainable)
         solve = self._tasks_at_once if self._batched is not None else self._task_by_task
+        workers = self.task_workers if batch.support_x.device.type == "cpu" else 1
         total, losses, rows = None, [], []
-        for part in self._parts(batch):
-            part_total, part_losses, part_rows = solve(part, theta, frozen, differentiate)
+        # parts summed in their order, then divided once: the same sums with and without workers
+        for part_total, part_losses, part_rows in map_in_threads(
+                lambda part: solve(part, theta, frozen, differentiate), self._parts(batch, workers), workers):
             if differentiate:
-                total = add_gradients(total, [g / len(batch) for g in part_total])
+                total = add_gradients(total, part_total)
             losses += part_losses
             rows += part_rows
         mean_loss = torch.stack(losses).mean()
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
-        return (loss_with_grads(mean_loss, trainable, total) if differentiate else mean_loss), metrics
+        if not differentiate:
+            return mean_loss, metrics
+        return loss_with_grads(mean_loss, trainable, [g / len(batch) for g in total]), metrics
 
     def _tasks_at_once(self, part: TaskBatch, theta: Params, frozen: Params, differentiate: bool
                        ) -> tuple[Vectors, list[Tensor], list[dict[str, Tensor]]]:

@@ -30,7 +30,8 @@ from .optim import InnerOptimizer
 from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
-__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses", "stacked_params"]
+__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses", "stacked_params",
+           "check_task_workers"]
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
 
@@ -100,6 +101,24 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         return h
 
     return run
+
+
+def check_task_workers(task_workers: int, model: nn.Module) -> int:
+    """`task_workers` (tasks or task groups at once in threads, `runtime.map_in_threads`),
+    validated: an integer >= 1, above 1 only for a model whose forward is thread-safe (a fastadapt
+    Conv4 with max-pool blocks; other forwards swap the module's parameters via `functional_call`).
+
+    Example:
+        >>> from fastadapt.nn import Conv4
+        >>> check_task_workers(2, Conv4.omniglot(ways=5))
+        2
+    """
+    if isinstance(task_workers, bool) or not isinstance(task_workers, int) or task_workers < 1:
+        raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
+    if task_workers > 1 and fused_forward(model) is None:
+        raise ValueError(f"task_workers > 1 needs a fastadapt Conv4 with max-pool blocks (its forward is "
+                         f"thread-safe), got {type(model).__name__}")
+    return task_workers
 
 
 def stacked_params(params: Params, tasks: int) -> Params:

@@ -36,6 +36,8 @@ IMAML_PROXIMAL = ("every_step", "pull_back")
 _MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
 _INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *_MAML_FAMILY)
+# algorithms that train tasks (or task groups) in threads (task_workers)
+_TASK_WORKER_ALGORITHMS = (*_MAML_FAMILY, "imaml")
 SIMILARITIES = ("cosine", "scaled-cosine")
 DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # where a run lives: cpu, cuda or cuda:N
 
@@ -85,9 +87,9 @@ class Config:
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
-    # MAML family on conv4 (CPU): task groups run this many at once in Python threads with one
-    # intra-op thread each; the meta-gradient is a one-thread run's bit for bit (not part of what a
-    # result depends on, like threads: a run resumes with another count)
+    # MAML family and imaml on conv4 (CPU): tasks (task groups) train, and episode batches evaluate,
+    # this many at once in Python threads with one intra-op thread each: a one-thread run's numbers
+    # bit for bit (not part of what a result depends on, like threads: a run resumes with another count)
     task_workers: int = 1
     # where the learner and its episodes live: cpu, cuda or cuda:N (not part of what a result depends
     # on: a run trained on a GPU resumes and evaluates on a CPU and back)
@@ -279,17 +281,17 @@ class Config:
         self._check_task_workers()
 
     def _check_task_workers(self) -> None:
-        """task_workers > 1 needs the task-grouped support phase: the MAML family on conv4."""
+        """task_workers > 1 needs a learner that trains tasks in threads (the MAML family, imaml) on conv4."""
         if self.task_workers == 1:
             return
-        why = [f"algorithm {self.algorithm!r} (the MAML family: {', '.join(_MAML_FAMILY)})"
-               if self.algorithm not in _MAML_FAMILY else "",
+        why = [f"algorithm {self.algorithm!r} ({', '.join(_TASK_WORKER_ALGORITHMS)})"
+               if self.algorithm not in _TASK_WORKER_ALGORITHMS else "",
                f"backbone {self.backbone!r} (conv4, with max-pool blocks)" if self.backbone != "conv4" else "",
                "compile (one compiled query pass cannot serve two threads)" if self.compile else "",
                "per_step_bn_statistics (it runs task by task)" if self.per_step_bn_statistics else ""]
         if any(why):
-            raise ConfigError(f"task_workers={self.task_workers} runs task groups of the MAML family on conv4 in "
-                              f"threads; not with {'; '.join(w for w in why if w)}. Set task_workers: 1")
+            raise ConfigError(f"task_workers={self.task_workers} trains tasks in threads; not with "
+                              f"{'; '.join(w for w in why if w)}. Set task_workers: 1")
 
     def _check_reptile_matching(self) -> None:
         """train_shots, the outer momentum, and the Reptile and Matching Networks keys."""

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..algorithms.objectives import task_metrics
 from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
+from ..runtime import map_in_threads
 
 __all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble"]
 
@@ -49,7 +50,9 @@ def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, 
     """Adapts to test episodes 0..episodes-1 of `source` and estimates every per-task metric.
 
     The episodes are a pure function of `source.seed`, so every algorithm and every run sees the
-    very same ones. No outer graph is built.
+    very same ones. No outer graph is built. A learner on the CPU with `task_workers` N > 1 (it
+    accepts N only where its forward is thread-safe) evaluates N batches at once in threads with
+    one intra-op thread each: a one-thread evaluation's numbers, faster on N cores.
 
     Example:
         >>> from fastadapt import MAML, SinusoidTasks
@@ -58,7 +61,8 @@ def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, 
         >>> sorted(result)
         ['loss', 'loss_before']
     """
-    return _estimates(lambda batch: learner.task_metrics(batch, inner_steps=inner_steps), source, episodes, batch_size)
+    return _estimates(lambda batch: learner.task_metrics(batch, inner_steps=inner_steps), source, episodes, batch_size,
+                      _workers([learner]))
 
 
 def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
@@ -87,15 +91,23 @@ def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int
         rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
-    return _estimates(metrics, source, episodes, batch_size)
+    return _estimates(metrics, source, episodes, batch_size, _workers(learners))
+
+
+def _workers(learners: Sequence[Any]) -> int:
+    """How many episode batches the learners evaluate at once: their `task_workers` on the CPU, else 1."""
+    on_cpu = all(p.device.type == "cpu" for learner in learners for p in learner.parameters())
+    return min(getattr(learner, "task_workers", 1) for learner in learners) if on_cpu else 1
 
 
 def _estimates(metrics: Callable[[TaskBatch], dict[str, Tensor]], source: TaskSource, episodes: int,
-               batch_size: int) -> dict[str, Estimate]:
+               batch_size: int, workers: int = 1) -> dict[str, Estimate]:
     """`metrics` (per-task `(T,)` tensors) over test episodes 0..episodes-1 of `source`, `batch_size`
-    at a time, as a mean and 95% interval each."""
+    at a time (`workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each."""
+    starts = list(range(0, episodes, batch_size))
     collected: dict[str, list[Tensor]] = {}
-    for start in range(0, episodes, batch_size):
-        for name, value in metrics(source.task_batch(start, min(batch_size, episodes - start))).items():
+    for batch_metrics in map_in_threads(lambda start: metrics(source.task_batch(start, min(batch_size, episodes - start))),
+                                        starts, workers):
+        for name, value in batch_metrics.items():
             collected.setdefault(name, []).append(value)
     return {name: mean_ci95(torch.cat(values)) for name, values in collected.items()}

@@ -101,7 +101,7 @@ def _new_learner(config: Config) -> nn.Module:
         return IMAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, lam=config.imaml_lambda,
                      eval_lam=config.eval_imaml_lambda, cg_steps=config.cg_steps, cg_damping=config.cg_damping,
                      inner_optimizer=config.inner_optimizer, proximal=config.imaml_proximal,  # type: ignore[arg-type]
-                     task=config.task)  # type: ignore[arg-type]
+                     task=config.task, task_workers=config.task_workers)  # type: ignore[arg-type]
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                                                 task=config.task, precision=config.precision, compile=config.compile,
                                                 checkpoint_inner_loop=config.checkpoint_inner_loop,
