@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastadapt import MAML, TaskBatch
+from fastadapt.algorithms import IMAML
 from fastadapt.functional.fused_block import conv_bn_relu_pool, fused_forward, unfused
 from fastadapt.functional.norm_relu_pool import norm_relu_pool
 from fastadapt.functional.task_batched import task_batched_forward
@@ -203,6 +204,10 @@ def test_task_workers_are_checked():
         MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True)
     with pytest.raises(ValueError, match="needs a fastadapt Conv4 with max-pool blocks"):
         MAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
+    with pytest.raises(ValueError, match="which per_step_bn_statistics does not support"):
+        MAML(Conv4.omniglot(ways=5), task_workers=2, per_step_bn_statistics=True)
+    with pytest.raises(ValueError, match="needs a fastadapt Conv4 with max-pool blocks"):
+        IMAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
 
 
 def test_compiled_query_pass_gives_the_eager_meta_gradient():

@@ -242,6 +242,8 @@ class GradientLearner(nn.Module):
         self.task_workers = check_task_workers(task_workers, model)
         if task_workers > 1 and compile:
             raise ValueError("task_workers > 1 runs task groups in threads, which compile=True does not support")
+        if task_workers > 1 and per_step_bn_statistics:  # its running statistics are one shared state
+            raise ValueError("task_workers > 1 runs tasks in threads, which per_step_bn_statistics does not support")
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
         self._task_batched = task_batched_forward(model)
 

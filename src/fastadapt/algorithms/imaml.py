@@ -185,7 +185,8 @@ class IMAML(nn.Module):
         task_workers: on the CPU, train this many tasks (or task groups) at once in Python
             threads with one intra-op thread each (`runtime.map_in_threads`; a fastadapt Conv4
             with max-pool blocks): the meta-gradient of a one-thread run bit for bit, faster on
-            2+ cores, that many tasks' graphs in memory. Evaluation is unchanged.
+            2+ cores, that many tasks' graphs in memory. `training.evaluate_learner` then runs that
+            many batches of episodes at once.
 
     `adapt` and evaluation solve the same regularised inner problem as training unless `eval_lam`
     says otherwise.
