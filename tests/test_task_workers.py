@@ -33,14 +33,6 @@ TINY_IMAML = {**{k: v for k, v in TINY.items() if k != "multi_step_loss_iteratio
               "algorithm": "imaml", "inner_lr": 0.1, "cg_steps": 3, "cg_damping": 22.0}
 
 
-@pytest.fixture
-def restore_threads():
-    """The trainer sets the process's thread count; put it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rows(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k not in ("tasks_per_s", "elapsed_s")} for row in csv.DictReader(f)]
@@ -56,7 +48,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @needs_omniglot
-@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.usefixtures("one_thread")  # the runs train on one thread; the count is restored after
 @pytest.mark.parametrize("config", [TINY, TINY_IMAML], ids=["maml++", "imaml"])
 def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path, monkeypatch, config):
     seen: list[int] = []
@@ -83,7 +75,7 @@ def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path,
 
 
 @needs_omniglot
-@pytest.mark.usefixtures("restore_threads")
+@pytest.mark.usefixtures("one_thread")  # the runs train on one thread; the count is restored after
 def test_a_run_resumes_with_another_number_of_task_workers(tmp_path):
     whole = fastadapt.train(TINY, tmp_path / "whole", progress=False)
     cut = tmp_path / "cut"
