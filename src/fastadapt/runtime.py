@@ -4,7 +4,7 @@ glibc hands large freed blocks back to the operating system and maps fresh pages
 allocation of that size; a meta-learning step allocates and frees the same tens of megabytes of
 activations thousands of times, and every fresh page costs a fault. Keeping freed memory in the
 heap removed most of that cost (measured: a 75-image Conv4 first-layer convolution 21 ms -> 4 ms
-on one thread; benchmarks/README.md and docs/performance.md have the end-to-end numbers).
+on one thread; docs/performance.md has the end-to-end numbers).
 """
 
 from __future__ import annotations
