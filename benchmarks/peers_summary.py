@@ -13,8 +13,8 @@ import json
 import statistics
 
 from common import repeat_ratios
+from peers import BASELINE, span
 
-BASELINE = "learn2learn"
 PEERS = ("learn2learn", "higher", "torchopt", "plain loop")
 VARIANTS = ("fastadapt", "fastadapt bf16", "fastadapt 2 workers", "fastadapt 2 workers bf16")
 
@@ -23,8 +23,7 @@ def ratio(rates: dict[str, list[float]], candidate: str, baseline: str) -> str:
     """`median (min-max)x` of candidate / baseline per repeat, or `-` when either did not run."""
     if candidate not in rates or baseline not in rates:
         return "-"
-    values = repeat_ratios(rates, candidate, baseline)
-    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+    return span(repeat_ratios(rates, candidate, baseline), ".2f", "x")
 
 
 def memory(peak_mb: dict[str, float], candidate: str) -> str:
