@@ -24,10 +24,8 @@ from fastadapt.runtime import keep_freed_memory
 
 def learner(model: torch.nn.Module, tasks_at_once: bool) -> MAMLPlusPlus:
     """MAML++ at the run defaults; `tasks_at_once=False` forces the per-task support phase."""
-    maml = MAMLPlusPlus(model, inner_lr=0.1, inner_steps=5, multi_step_loss_iterations=10**9)
-    if not tasks_at_once:
-        maml._task_batched = None
-    return maml
+    return MAMLPlusPlus(model, inner_lr=0.1, inner_steps=5, multi_step_loss_iterations=10**9,
+                        execution="loop" if tasks_at_once else "per-task")
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 
 def engine_grads(learner, batch):
@@ -22,3 +24,22 @@ def assert_grads_close(engine, reference, tol=1e-9):
         e = torch.zeros_like(r) if e is None else e
         r = torch.zeros_like(e) if r is None else r
         assert (e - r).norm() <= tol * torch.maximum(r.norm(), floor)
+
+
+def reference_meta_grad(learner, batch, loss=F.cross_entropy):
+    """Plain per-task loop with torch.autograd.grad: the definition of the meta-gradient."""
+    model = learner.model
+    params = dict(model.named_parameters())
+    sizes = learner.step_sizes()
+    total = 0.0
+    for t in range(len(batch)):
+        p = dict(params)
+        for _ in range(learner.inner_steps):
+            inner = loss(functional_call(model, p, (batch.support_x[t],)), batch.support_y[t])
+            names = list(sizes)
+            grads = torch.autograd.grad(inner, [p[n] for n in names], create_graph=not learner.first_order)
+            for n, g in zip(names, grads):
+                p[n] = p[n] - sizes[n] * (g.detach() if learner.first_order else g)
+        total = total + loss(functional_call(model, p, (batch.query_x[t],)), batch.query_y[t])
+    trainable = [q for q in learner.parameters() if q.requires_grad]
+    return torch.autograd.grad(total / len(batch), trainable, allow_unused=True)

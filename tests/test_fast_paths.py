@@ -202,11 +202,11 @@ def test_task_workers_are_checked():
         MAML(Conv4.omniglot(ways=5), task_workers=0)
     with pytest.raises(ValueError, match="compile=True"):
         MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True)
-    with pytest.raises(ValueError, match="needs a fastadapt Conv4 with max-pool blocks"):
+    with pytest.raises(ValueError, match="needs a Conv4-style model with max-pool blocks"):
         MAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
     with pytest.raises(ValueError, match="which per_step_bn_statistics does not support"):
         MAML(Conv4.omniglot(ways=5), task_workers=2, per_step_bn_statistics=True)
-    with pytest.raises(ValueError, match="needs a fastadapt Conv4 with max-pool blocks"):
+    with pytest.raises(ValueError, match="needs a Conv4-style model with max-pool blocks"):
         IMAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
 
 

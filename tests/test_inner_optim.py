@@ -279,8 +279,8 @@ def test_task_batched_and_per_task_paths_agree_with_per_step_rates_and_adam():
     with torch.no_grad():
         for rates in learner.per_step_lrs:
             rates.mul_(torch.tensor([1.0, 0.6]))
-    assert learner._task_batched is not None  # the grouped-convolution support phase is used
     batch = _image_batch()
+    assert learner.plan(batch).path == "task-groups"  # the grouped-convolution support phase is used
     assert_grads_close(engine_grads(learner, batch), _reference(learner, batch, F.cross_entropy))
     # every weight's per-step rates are learned (a conv bias before BatchNorm has no gradient at all)
     weights = [r for n, r in zip(learner.adapt_names, learner.per_step_lrs) if n.endswith("weight")]
@@ -291,9 +291,9 @@ def test_task_batched_and_per_task_paths_agree_with_per_step_rates_and_adam():
 def test_mlp_vmap_path_with_inner_optimizers_matches_reference(optimizer):
     torch.manual_seed(1)
     learner = MAML(MLP(1, [8, 8], 1), inner_lr=0.02, inner_steps=3, inner_optimizer=optimizer, task="regression")
-    assert learner.execution == "vmap"
     g = torch.Generator().manual_seed(3)
     batch = TaskBatch(*(torch.randn(4, 6, 1, generator=g) for _ in range(4)))
+    assert learner.plan(batch).path == "vmap"
     assert_grads_close(engine_grads(learner, batch), _reference(learner, batch, F.mse_loss))
 
 

@@ -17,7 +17,7 @@ from fastadapt.algorithms import MAMLPlusPlus
 from fastadapt.algorithms.annealing import multi_step_loss_weights
 from fastadapt.cli import _run_config, build_parser
 from fastadapt.functional.fused_block import fused_forward
-from fastadapt.functional.task_batched import batched_meta_gradients
+from fastadapt.functional.task_batched import batched_meta_gradients, task_batched_forward
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
 from fastadapt.training.config import Config, ConfigError, load_recipe
@@ -139,12 +139,11 @@ def _mamlpp(execution="loop", **options):
 
 @pytest.mark.parametrize("execution", ["loop", "loop-per-task", "graph"])
 def test_multi_step_loss_with_per_step_rates_and_batchnorm_matches_autograd_reference(float64, execution):
-    learner = _mamlpp(execution.removesuffix("-per-task"))
-    assert learner._task_batched is not None  # "loop" runs the support phases of all tasks at once
-    if execution == "loop-per-task":
-        learner._task_batched = None
-    learner.iteration.fill_(1)  # annealed weights, not equal ones
+    learner = _mamlpp("per-task" if execution == "loop-per-task" else execution)
     batch = _batch()
+    if execution == "loop":  # "loop" runs the support phases of all tasks at once
+        assert learner.plan(batch).path == "task-groups"
+    learner.iteration.fill_(1)  # annealed weights, not equal ones
     weights = learner.step_weights()
     assert weights is not None and len(set(weights)) == 2
     assert_grads_close(engine_grads(learner, batch), _reference(learner, batch, weights))
@@ -156,10 +155,8 @@ def test_all_tasks_at_once_equals_task_by_task_in_loss_metrics_and_gradients(flo
     batch = _batch(tasks=3)
     results = []
     for at_once in (True, False):
-        learner = _mamlpp(first_order=first_order, task_group=2)
+        learner = _mamlpp("loop" if at_once else "per-task", first_order=first_order, task_group=2)
         learner.step_weights = lambda: [0.3, 0.0, 0.7]
-        if not at_once:
-            learner._task_batched = None
         learner.zero_grad(set_to_none=True)
         loss, metrics = learner.meta_loss(batch)
         loss.backward()
@@ -174,7 +171,7 @@ def test_batched_engine_refuses_step_parameters_that_the_inner_loop_adapts():
     learner = _mamlpp()
     params = learner.meta_params()
     with pytest.raises(ValueError, match=r"step_params replace parameter\(s\) \['head.weight'\], which the inner loop"):
-        batched_meta_gradients(learner._task_batched, params, _batch(), loss_fn=F.cross_entropy, steps=1,
+        batched_meta_gradients(task_batched_forward(learner.model), params, _batch(), loss_fn=F.cross_entropy, steps=1,
                                step_sizes={"head.weight": 0.1}, first_order=False, query_pass=learner._query_pass,
                                wrt=list(params.values()), step_params=lambda step: {"head.weight": params["head.weight"]})
 

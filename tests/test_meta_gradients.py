@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from fastadapt import ANIL, FOMAML, MAML, MetaSGD, TaskBatch
 from fastadapt.nn import MLP, Conv4
+from meta_grad_helpers import reference_meta_grad
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -39,25 +39,6 @@ def _conv4(seed=0, pooling="max") -> Conv4:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
     return model
-
-
-def reference_meta_grad(learner, batch, loss=F.cross_entropy):
-    """Plain per-task loop with torch.autograd.grad: the definition of the meta-gradient."""
-    model = learner.model
-    params = dict(model.named_parameters())
-    sizes = learner.step_sizes()
-    total = 0.0
-    for t in range(len(batch)):
-        p = dict(params)
-        for _ in range(learner.inner_steps):
-            inner = loss(functional_call(model, p, (batch.support_x[t],)), batch.support_y[t])
-            names = list(sizes)
-            grads = torch.autograd.grad(inner, [p[n] for n in names], create_graph=not learner.first_order)
-            for n, g in zip(names, grads):
-                p[n] = p[n] - sizes[n] * (g.detach() if learner.first_order else g)
-        total = total + loss(functional_call(model, p, (batch.query_x[t],)), batch.query_y[t])
-    trainable = [q for q in learner.parameters() if q.requires_grad]
-    return torch.autograd.grad(total / len(batch), trainable, allow_unused=True)
 
 
 def engine_meta_grad(learner, batch):
@@ -90,7 +71,7 @@ LEARNERS = {
 }
 
 
-@pytest.mark.parametrize("execution", ["loop", "loop-checkpointed", "graph"])
+@pytest.mark.parametrize("execution", ["loop", "loop-checkpointed", "per-task", "per-task-checkpointed", "graph"])
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_conv4_batchnorm_meta_gradient_matches_reference(name, execution):
     learner = LEARNERS[name](_conv4(), execution.removesuffix("-checkpointed"))
@@ -111,17 +92,17 @@ def test_strided_conv4_meta_gradient_matches_reference(execution):
 
 
 def test_default_execution_for_conv4_is_exact_loop():
-    assert MAML(_conv4()).execution == "loop"
+    assert MAML(_conv4()).plan(_image_batch()).path == "task-groups"
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_mlp_vmap_meta_gradient_matches_reference(name):
     torch.manual_seed(1)
     learner = LEARNERS[name](MLP(1, [16, 16], 1).double(), "auto")
-    assert learner.execution == "vmap"
     learner.task = "regression"
     g = torch.Generator().manual_seed(3)
     batch = TaskBatch(*(torch.randn(4, 6, 1, generator=g) for _ in range(4)))
+    assert learner.plan(batch).path == "vmap"
     assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch, F.mse_loss))
 
 
@@ -161,16 +142,22 @@ def test_meta_loss_leaves_the_user_module_untouched():
         assert torch.equal(v, before[k]), k
 
 
-def test_vmap_is_refused_for_batchnorm_models():
-    with pytest.raises(ValueError, match="BatchNorm"):
-        MAML(_conv4(), execution="vmap")
+def test_vmap_asked_for_a_batchnorm_model_runs_the_exact_path_and_says_why():
+    learner = MAML(_conv4(), inner_lr=0.3, inner_steps=1, execution="vmap")
+    batch = _image_batch()
+    plan = learner.plan(batch)
+    assert plan.path == "per-task" and "BatchNorm" in str(plan)
+    assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch))
 
 
 def test_the_reference_comparison_catches_vmap_through_batchnorm():
-    learner = MAML(_conv4(), inner_lr=0.3, inner_steps=1, execution="loop")
-    learner.execution = "vmap"  # bypass the refusal to show what it protects against
+    learner = MAML(_conv4(), inner_lr=0.3, inner_steps=1)
     batch = _image_batch()
-    engine, reference = engine_meta_grad(learner, batch), reference_meta_grad(learner, batch)
+    learner.zero_grad(set_to_none=True)  # the vmap path run directly, to show what the planner avoids
+    losses, _ = learner._vmapped(batch, 1, False, None)
+    losses.mean().backward()
+    engine = [q.grad for q in learner.parameters() if q.requires_grad]
+    reference = reference_meta_grad(learner, batch)
     worst = max(float((e - r).norm() / r.norm()) for e, r in zip(engine, reference) if r.norm() > 1e-6)
     if worst <= 1e-9:
         pytest.skip(f"torch {torch.__version__} gets vmap through BatchNorm right: the refusal could be lifted")

@@ -10,22 +10,24 @@
 The inner optimizer (`inner_optimizer=`) is SGD by default, or momentum or Adam, differentiable
 to second order (`functional.optim`).
 
-Execution over a `TaskBatch` (`execution=`):
-- "loop": tasks one after another, each task back-propagated as soon as its loss exists so only
-  one task's graph is alive (see `functional.taskwise`), in two passes: a first-order query pass
-  (optionally compiled or bf16), then the backward through the support-set inner loop (see
-  `functional.split`). The default for models with BatchNorm or convolutions: measured on 2 CPU
-  cores it is as fast as holding all graphs at 5x less memory, and `torch.func.vmap` is both
-  slower there and wrong in second order through training-mode BatchNorm.
-- "graph": the same loop keeping every task's graph; the loss supports any further autograd use.
-- "vmap": all tasks in one `torch.func.vmap` call; the default for models made only of layers
-  whose vmap rules are exact (Linear, activations, Flatten, Dropout), e.g. the sinusoid MLP.
+Execution over a `TaskBatch` is chosen at every call by `functional.planner` from the model's
+structure and the options (`learner.plan(batch)` says which path and why; `execution=` asks):
+- "auto" (default): "vmap" for models made only of layers whose vmap rules are exact (Linear,
+  activations, Flatten, Dropout), e.g. the sinusoid MLP; else "loop".
+- "loop": tasks back-propagated one at a time as soon as their loss exists, so only one task's (or
+  task group's) graph is alive (see `functional.taskwise`), in two passes: a first-order query
+  pass (optionally compiled or bf16), then the backward through the support-set inner loop (see
+  `functional.split`). For a model whose forward is a conv/BatchNorm/ReLU/pool/Linear chain (any
+  class: `functional.structure`) the support phases of a few tasks run as one grouped-convolution
+  graph (`functional.task_batched`); per-step BatchNorm statistics, or any other model, run task by
+  task (also exact). Measured on 2 CPU cores as fast as holding all graphs at 5x less memory.
+- "per-task": the loop, task by task, whatever the model.
+- "graph": the loop keeping every task's graph; the loss supports any further autograd use.
+- "vmap": all tasks in one `torch.func.vmap` call, where that is exact; a model with BatchNorm
+  runs task by task instead (vmap's second-order rules through training-mode BatchNorm are wrong).
 
-Every path supports every inner optimizer and per-step rates exactly. "loop" runs the support
-phases of all tasks at once (`functional.task_batched`) for Conv4-style models, with per-step
-rates, per-step BatchNorm weights and the multi-step loss; per-step BatchNorm statistics make it
-run task by task (still exact). `checkpoint_inner_loop` supports plain SGD with constant rates
-only and refuses the rest at construction.
+Every path supports every inner optimizer and per-step rates exactly. `checkpoint_inner_loop`
+supports plain SGD with constant rates only and refuses the rest at construction.
 """
 
 from __future__ import annotations
@@ -43,22 +45,16 @@ from ..functional import (Params, QueryPass, add_gradients, forward, inner_traje
 from ..functional.inner_loop import StepHooks
 from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
+from ..functional.planner import EXECUTIONS, Execution, Plan, plan_meta_batch
+from ..functional.structure import fixed_structure
 from ..functional.task_batched import batched_meta_gradients, check_task_workers, task_batched_forward
 from .annealing import multi_step_loss_weights
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "AdaptedModel"]
 
-Execution = Literal["auto", "loop", "graph", "vmap"]
 Precision = Literal["fp32", "bf16"]
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
-_CPU_TASK_GROUP = 2
-
-# Layers whose torch.func.vmap batching rules are exact also in second order (checked by tests).
-_VMAP_SAFE = (
-    nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity,
-    nn.Flatten, nn.Dropout,
-)
 
 
 class AdaptedModel:
@@ -91,18 +87,17 @@ class GradientLearner(nn.Module):
         adapt: which parameters adapt in the inner loop: None for all, or name prefixes
             (e.g. "head" for ANIL).
         task: "classification" (cross-entropy, accuracy) or "regression" (MSE).
-        execution: how the meta-batch runs; see the module docstring.
+        execution: how the meta-batch runs: "auto", "loop", "per-task", "graph" or "vmap"; see the
+            module docstring. Never changes the result beyond rounding.
         compile: compile the query pass of "loop" execution with `torch.compile` (one compilation
             per input shape, tens of seconds; needs a C++ compiler).
         precision: "bf16" runs forward and backward under bf16 autocast (CPU, CUDA); weights and
             meta-gradients stay float32.
         checkpoint_inner_loop: keep no graph across inner steps in "loop" execution; rebuild each
             step's graph during the backward, so memory does not grow with `inner_steps`.
-        task_group: tasks whose support phase runs as one batched graph (Conv4-style models in
+        task_group: tasks whose support phase runs as one batched graph (conv-chain models in
             "loop" execution, `functional.task_batched`). Memory grows with it. None (the default):
-            2 on the CPU (3-7% slower than 4 with 25-30% less peak memory,
-            benchmarks/memory_vs_steps.py), the whole meta-batch on a GPU (4.4x faster than task
-            by task with 1 inner step and 11x with 5 on an H100, benchmarks/gpu_throughput.py).
+            `functional.planner.CPU_TASK_GROUP` on the CPU, the whole meta-batch on a GPU.
         task_workers: on the CPU, run this many task groups at once in Python threads with one
             intra-op thread each (`runtime.map_in_threads`); the same result. On 2 cores 2 workers
             were 1.2-1.6x faster than one group at a time with 2 intra-op threads (second-order
@@ -164,8 +159,8 @@ class GradientLearner(nn.Module):
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
-        if execution not in ("auto", "loop", "graph", "vmap"):
-            raise ValueError(f"execution must be 'auto', 'loop', 'graph' or 'vmap', got {execution!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
         if precision not in _AUTOCAST:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if not (callable(inner_optimizer) or inner_optimizer in INNER_OPTIMIZERS):
@@ -223,15 +218,6 @@ class GradientLearner(nn.Module):
             if learn_inner_lr
             else None
         )
-        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if execution == "vmap" and has_batchnorm:
-            raise ValueError(
-                "execution='vmap' is refused for models with BatchNorm: torch.func.vmap gives wrong "
-                "meta-gradients through training-mode batch_norm with per-task weights; use 'loop'"
-            )
-        if execution == "auto":
-            leaves = [m for m in model.modules() if not list(m.children())]
-            execution = "vmap" if all(isinstance(m, _VMAP_SAFE) for m in leaves) else "loop"
         self.execution: Execution = execution
         self.precision: Precision = precision
         self.checkpoint_inner_loop = checkpoint_inner_loop
@@ -245,7 +231,6 @@ class GradientLearner(nn.Module):
         if task_workers > 1 and per_step_bn_statistics:  # its running statistics are one shared state
             raise ValueError("task_workers > 1 runs tasks in threads, which per_step_bn_statistics does not support")
         self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
-        self._task_batched = task_batched_forward(model)
 
     # -- the pieces ---------------------------------------------------------------------------
     def meta_params(self) -> Params:
@@ -369,14 +354,34 @@ class GradientLearner(nn.Module):
         `iteration` (the schedules' clock).
         """
         first_order, weights = self.uses_first_order(), self.step_weights()
-        if self.execution == "vmap":
-            losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights)
-            result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
-        else:
-            result = self._looped(batch, self.execution == "graph", first_order, weights)
+        with fixed_structure(self.model):
+            plan = self.plan(batch)
+            if plan.path == "vmap":
+                losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights)
+                result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
+            elif plan.path == "task-groups":
+                result = self._support_batched(plan, batch, first_order, weights)
+            else:
+                result = self._looped(batch, plan.path == "graph", first_order, weights)
         if hasattr(self, "iteration") and torch.is_grad_enabled():
             self.iteration += 1
         return result
+
+    def plan(self, batch: TaskBatch) -> Plan:
+        """How `meta_loss(batch)` runs now, and why (`functional.planner`).
+
+        Example:
+            >>> import torch
+            >>> from fastadapt.nn import MLP
+            >>> from fastadapt.data import SinusoidTasks
+            >>> MAML(MLP(1, [8], 1), task="regression").plan(SinusoidTasks().task_batch(0, 2)).path
+            'vmap'
+        """
+        trainable = any(p.requires_grad for p in self.parameters())
+        return plan_meta_batch(self.model, batch, request=self.execution,
+                               differentiate=torch.is_grad_enabled() and trainable,
+                               per_task_statistics=self.step_norm is not None and self.step_norm.statistics,
+                               task_group=self.task_group, task_workers=self.task_workers)
 
     @torch.no_grad()
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
@@ -403,10 +408,11 @@ class GradientLearner(nn.Module):
         params = {k: v.detach() for k, v in self.meta_params().items()}
         hooks = self._hooks(training=False)
         outputs = []
-        for t in range(len(batch)):
-            ep = batch[t]
-            after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
-            outputs.append(after)
+        with fixed_structure(self.model):
+            for t in range(len(batch)):
+                ep = batch[t]
+                after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
+                outputs.append(after)
         return torch.stack(outputs)
 
     # -- execution strategies -----------------------------------------------------------------
@@ -414,12 +420,8 @@ class GradientLearner(nn.Module):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         params = self.meta_params()
         trainable = [p for p in self.parameters() if p.requires_grad]
-        taskwise = not keep_graph and torch.is_grad_enabled() and bool(trainable)
+        taskwise = not keep_graph
         hooks = self._hooks(training=True)
-        # per-step BatchNorm statistics intercept each task's own batch_norm calls: those run per task
-        statistics = self.step_norm is not None and self.step_norm.statistics
-        if taskwise and self._task_batched is not None and not statistics:
-            return self._support_batched(batch, params, trainable, first_order, hooks, weights)
         count = len(batch)
         spec = self._inner_spec()
         losses, rows, total = [], [], None
@@ -445,25 +447,20 @@ class GradientLearner(nn.Module):
             mean_loss = loss_with_grads(mean_loss, trainable, total)
         return mean_loss, {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
 
-    def _support_batched(self, batch: TaskBatch, params: Params, trainable: list[Tensor], first_order: bool,
-                         hooks: StepHooks | None, weights: list[float] | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _support_batched(self, plan: Plan, batch: TaskBatch, first_order: bool, weights: list[float] | None
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        hooks = self._hooks(training=True)
         grads, outputs, losses, support_losses = batched_meta_gradients(
-            self._task_batched, params, batch, loss_fn=self._loss_fn, steps=self.inner_steps,
+            task_batched_forward(self.model), self.meta_params(), batch, loss_fn=self._loss_fn, steps=self.inner_steps,
             first_order=first_order, query_pass=self._query_pass, wrt=trainable,
-            autocast_dtype=_AUTOCAST[self.precision], group=self._group_size(batch),
-            checkpoint=self.checkpoint_inner_loop,
+            autocast_dtype=_AUTOCAST[self.precision], group=plan.group, checkpoint=self.checkpoint_inner_loop,
             step_params=hooks.params if hooks is not None else None, step_weights=weights,
-            workers=self.task_workers if batch.support_x.device.type == "cpu" else 1, **self._inner_spec())
+            workers=plan.workers, **self._inner_spec())
         rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()
         return loss_with_grads(losses.mean(), trainable, grads), metrics
-
-    def _group_size(self, batch: TaskBatch) -> int:
-        """`task_group`, or by default 2 tasks at a time on the CPU and all of them on a GPU."""
-        if self.task_group is not None:
-            return self.task_group
-        return _CPU_TASK_GROUP if batch.support_x.device.type == "cpu" else len(batch)
 
     def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool, weights: list[float] | None
                  ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .norm_relu_pool import is_norm_relu_pool, narrow_indices, norm_relu_pool, unpool
+from .structure import Chain, layer_chain
 
-__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "unfused", "is_fusable", "reorders_on"]
+__all__ = ["conv_bn_relu_pool", "tasks_conv_bn_pool", "fused_forward", "chain_layer", "unfused", "is_fusable", "reorders_on"]
 
 # Up to this patch size (C_in * kh * kw) the reordering beats PyTorch's layers (RGB 3x3 is 27).
 _MAX_PATCH = 32
@@ -96,7 +97,8 @@ def tasks_conv_bn_pool(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, e
         return out.view(tasks, n, h // 2, w // 2, channels).permute(0, 1, 4, 2, 3)
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Callable | None]" = weakref.WeakKeyDictionary()
+# model -> (the chain the forward was built for, the forward)
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[Chain, Callable]]" = weakref.WeakKeyDictionary()
 _UNFUSED: ContextVar[bool] = ContextVar("fastadapt_unfused", default=False)
 
 
@@ -124,10 +126,13 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
     """A forward for `model` with its first conv block reordered on the CPU (layer by layer on other
     devices), or None if it has no such block (or inside `unfused()`).
 
-    Recognised: a `fastadapt.nn.Conv4` (a `features` Sequential then an optional `head`) whose
-    first block is Conv2d (odd square kernel, stride 1, same zero padding, no groups or dilation,
-    C_in * k * k <= 32) -> BatchNorm2d (affine, batch statistics) -> ReLU -> MaxPool2d(2).
-    Later BatchNorm -> ReLU -> MaxPool2d(2) blocks run as `functional.norm_relu_pool`.
+    Recognised by structure (`functional.structure.layer_chain`): any model whose forward is
+    proven to be a chain of known layers starting with Conv2d (odd square kernel, stride 1, same
+    zero padding, no groups or dilation, C_in * k * k <= 32) -> BatchNorm2d (affine, batch
+    statistics) -> ReLU -> MaxPool2d(2): a `fastadapt.nn.Conv4`, or a user's `nn.Sequential` of
+    the same layers. Later BatchNorm -> ReLU -> MaxPool2d(2) blocks run as
+    `functional.norm_relu_pool`; every layer runs as a function of its weights (never swapping the
+    module's own parameters, so two threads may run it at once).
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -139,9 +144,13 @@ def fused_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Ten
     """
     if not torch.compiler.is_compiling() and _UNFUSED.get():  # (Dynamo cannot trace ContextVar.get)
         return None
-    if model not in _CACHE:
-        _CACHE[model] = _build(model)
-    return _CACHE[model]
+    chain = layer_chain(model)
+    if chain is None or not is_fusable([m for _, m in chain[:4]]):
+        return None
+    built = _CACHE.get(model)
+    if built is None or built[0] is not chain:
+        built = _CACHE[model] = (chain, _build(model, chain))
+    return built[1]
 
 
 def reorders_on(x: Tensor) -> bool:
@@ -155,15 +164,9 @@ def reorders_on(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
-    from ..nn import Conv4
-
-    if not isinstance(model, Conv4) or not is_fusable(list(model.features.children())[:4]):
-        return None
-    eps = model.features[1].eps
-    rest = [(f"features.{name}.", module) for name, module in list(model.features.named_children())[4:]]
-    if model.head is not None:
-        rest.append(("head.", model.head))
+def _build(model: nn.Module, chain: Chain) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    (conv, _), (norm_name, norm), *_ = chain
+    rest = list(chain[4:])
 
     def run(params: dict[str, Tensor], x: Tensor) -> Tensor:
         if not reorders_on(x):
@@ -172,35 +175,43 @@ def _build(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | 
         def get(name: str) -> Tensor:
             return params[name] if name in params else model.get_parameter(name)
 
-        h = conv_bn_relu_pool(x, *(get(n) for n in ("features.0.weight", "features.1.weight", "features.1.bias")), eps)
+        h = conv_bn_relu_pool(x, get(f"{conv}.weight"), get(f"{norm_name}.weight"), get(f"{norm_name}.bias"), norm.eps)
         i = 0
         while i < len(rest):
-            prefix, module = rest[i]
+            name, module = rest[i]
             if is_norm_relu_pool([m for _, m in rest[i:i + 3]]):
-                h = norm_relu_pool(h, get(prefix + "weight"), get(prefix + "bias"), module.eps)
+                h = norm_relu_pool(h, get(f"{name}.weight"), get(f"{name}.bias"), module.eps)
                 i += 3
                 continue
-            h = _layer(module, prefix, get, params, h)
+            h = chain_layer(module, name, get, h)
             i += 1
         return h
 
     return run
 
 
-def _layer(module: nn.Module, prefix: str, get: Callable[[str], Tensor], params: dict[str, Tensor],
-           h: Tensor) -> Tensor:
-    """One later layer of `_build`'s forward with `params`. Conv2d, Linear and BatchNorm (batch
-    statistics) run as functions of their weights rather than through `functional_call`, which swaps
-    the module's own parameters and so cannot serve two threads at once (`runtime.map_in_threads`)."""
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
-        bias = get(prefix + "bias") if module.bias is not None else None
-        return F.conv2d(h, get(prefix + "weight"), bias, module.stride, module.padding, module.dilation, module.groups)
+def chain_layer(module: nn.Module, name: str, get: Callable[[str], Tensor], h: Tensor) -> Tensor:
+    """One layer of a `structure.layer_chain` (called `name`) on `h`, with its weights from `get`:
+    the function the module's own `forward` computes, as a function of those weights (not through
+    `functional_call`, which swaps the module's own parameters and so cannot serve two threads).
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> torch.equal(chain_layer(lin, "l", lambda n: getattr(lin, n[2:]), torch.ones(3, 2)), lin(torch.ones(3, 2)))
+        True
+    """
+    if isinstance(module, nn.Conv2d):
+        bias = get(f"{name}.bias") if module.bias is not None else None
+        return F.conv2d(h, get(f"{name}.weight"), bias, module.stride, module.padding, module.dilation, module.groups)
     if isinstance(module, nn.Linear):
-        return F.linear(h, get(prefix + "weight"), get(prefix + "bias") if module.bias is not None else None)
-    if isinstance(module, nn.BatchNorm2d) and module.affine and not module.track_running_stats:
-        return F.batch_norm(h, None, None, get(prefix + "weight"), get(prefix + "bias"), True, 0.0, module.eps)
-    local = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-    return functional_call(module, local, (h,)) if local else module(h)
+        return F.linear(h, get(f"{name}.weight"), get(f"{name}.bias") if module.bias is not None else None)
+    if isinstance(module, nn.BatchNorm2d):  # batch statistics (`structure.batch_norm_with_batch_statistics`)
+        return F.batch_norm(h, None, None, get(f"{name}.weight"), get(f"{name}.bias"), True, 0.0, module.eps)
+    if isinstance(module, nn.MaxPool2d):
+        return F.max_pool2d(h, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if isinstance(module, nn.Flatten):
+        return h.flatten(module.start_dim, module.end_dim)
+    return F.relu(h)
 
 
 def _patch_columns(x: Tensor, kernel: tuple[int, int]) -> Tensor:

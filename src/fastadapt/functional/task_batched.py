@@ -8,12 +8,14 @@ channels (each task's own batch statistics, exactly), Linear as a batched matmul
 ordinary autograd, so second-order terms are exact; `torch.func.vmap` is not used (its batching
 rules are wrong through BatchNorm in second order, see tests/test_meta_gradients.py).
 
-Supported: `fastadapt.nn.Conv4`-style models (a `features` Sequential of Conv2d, BatchNorm2d
-without running statistics, ReLU, MaxPool2d, Flatten, then an optional Linear `head`).
+Supported: any model whose forward is proven to be a chain of Conv2d, BatchNorm2d without running
+statistics, ReLU, MaxPool2d, Flatten and Linear layers (`functional.structure`), whatever its
+class: a `fastadapt.nn.Conv4` or a user's `nn.Sequential` of the same layers.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -24,6 +26,7 @@ from torch.func import vmap
 from ..data.episodes import TaskBatch
 from ..runtime import map_in_threads
 from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
+from .structure import Chain, layer_chain
 from .inner_loop import LossFn, Params, resolve_inner
 from .norm_relu_pool import is_norm_relu_pool, norm_relu_pool
 from .optim import InnerOptimizer
@@ -31,15 +34,20 @@ from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
 __all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses", "stacked_params",
-           "check_task_workers"]
+           "check_task_workers", "thread_safe_forward", "task_workers_for"]
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
+# model -> (the chain the forward was built for, the forward)
+_BUILT: "weakref.WeakKeyDictionary[nn.Module, tuple[Chain, BatchedForward]]" = weakref.WeakKeyDictionary()
 
 
 def task_batched_forward(model: nn.Module) -> BatchedForward | None:
     """`run(params, x)`: params of shape `(T, *p.shape)`, `x` of shape `(T, N, C, H, W)` -> `(T, N, out)`.
 
-    None when the model has layers this does not know.
+    For any model whose forward is proven to be a chain of Conv2d, BatchNorm2d (batch statistics),
+    ReLU, MaxPool2d, Flatten and (after the Flatten) Linear layers, whatever its class
+    (`functional.structure.layer_chain`); None for others. Read again at every call, so a model
+    edited since the last call gets its own function.
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -49,26 +57,26 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
         >>> torch.allclose(task_batched_forward(model)(stacked, x)[1], model(x[1]), atol=1e-5)
         True
     """
-    from ..nn import Conv4
-
-    if not isinstance(model, Conv4):
+    chain = layer_chain(model)
+    if chain is None or not _batchable(chain):
         return None
-    layers = [(f"features.{name}.", m) for name, m in model.features.named_children()]
-    if model.head is not None:
-        layers.append(("head.", model.head))
-    if not all(_supported(m) for _, m in layers):
-        return None
+    built = _BUILT.get(model)
+    if built is None or built[0] is not chain:
+        built = _BUILT[model] = (chain, _build_batched(chain, reorder=fused_forward(model) is not None))
+    return built[1]
 
-    # The first block reordered (functional.fused_block) whenever the per-task forward does so.
-    reorder = fused_forward(model) is not None
+
+def _build_batched(chain: Chain, reorder: bool) -> BatchedForward:
+    """The task-batched forward of `chain`, its first block reordered (on the CPU) with `reorder`."""
+    layers = [(f"{name}.", m) for name, m in chain]
     eps = layers[1][1].eps if reorder else 0.0
 
     def run(params: Params, x: Tensor) -> Tensor:
         tasks, n = x.shape[:2]
         reordered = reorder and reorders_on(x)
         if reordered:
-            h = tasks_conv_bn_pool(x, params["features.0.weight"], params["features.1.weight"],
-                                   params["features.1.bias"], eps)                   # (T, N, C, H, W)
+            h = tasks_conv_bn_pool(x, params[layers[0][0] + "weight"], params[layers[1][0] + "weight"],
+                                   params[layers[1][0] + "bias"], eps)                # (T, N, C, H, W)
         else:
             h = x
         h = h.transpose(0, 1).reshape(n, tasks * h.shape[2], *h.shape[3:])          # (N, T*C, H, W)
@@ -76,6 +84,7 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
             h = F.relu(h)
         rest = layers[4 if reordered else 0:]
         on_cpu = reorders_on(x)
+        flat = False
         i = 0
         while i < len(rest):
             prefix, m = rest[i]
@@ -95,17 +104,43 @@ def task_batched_forward(model: nn.Module) -> BatchedForward | None:
             elif isinstance(m, nn.MaxPool2d):
                 h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
             elif isinstance(m, nn.Flatten):
-                h = h.reshape(n, tasks, -1).transpose(0, 1)                               # (T, N, D)
-            else:  # nn.Linear on (T, N, D)
+                h, flat = h.reshape(n, tasks, -1).transpose(0, 1), True                 # (T, N, D)
+            elif m.bias is not None:  # nn.Linear on (T, N, D)
                 h = torch.baddbmm(params[prefix + "bias"][:, None, :], h, params[prefix + "weight"].transpose(1, 2))
-        return h
+            else:
+                h = torch.bmm(h, params[prefix + "weight"].transpose(1, 2))
+        return h if flat else h.reshape(n, tasks, -1, *h.shape[2:]).transpose(0, 1)   # (T, N, C, H, W)
 
     return run
 
 
+def thread_safe_forward(model: nn.Module) -> bool:
+    """Whether `model`'s functional forward may run in several threads at once (now: its structure
+    may change; learners check it at every call and run one worker otherwise).
+
+    Example:
+        >>> thread_safe_forward(nn.Linear(2, 1))
+        False
+    """
+    return fused_forward(model) is not None
+
+
+def task_workers_for(task_workers: int, model: nn.Module, batch: TaskBatch) -> int:
+    """The workers a batch runs with: `task_workers` on the CPU for a model whose forward is (still)
+    thread-safe, else 1 (the same numbers, one group at a time).
+
+    Example:
+        >>> task_workers_for(2, nn.Linear(2, 1), TaskBatch(*(torch.zeros(1, 1, 2) for _ in range(4))))
+        1
+    """
+    on_cpu = batch.support_x.device.type == "cpu"
+    return task_workers if task_workers > 1 and on_cpu and thread_safe_forward(model) else 1
+
+
 def check_task_workers(task_workers: int, model: nn.Module) -> int:
     """`task_workers` (tasks or task groups at once in threads, `runtime.map_in_threads`),
-    validated: an integer >= 1, above 1 only for a model whose forward is thread-safe (a fastadapt
+    validated: an integer >= 1, above 1 only for a model whose forward is thread-safe (a model
+    whose first block the reordered forward computes, `fused_block.fused_forward`, such as a
     Conv4 with max-pool blocks; other forwards swap the module's parameters via `functional_call`).
 
     Example:
@@ -115,8 +150,8 @@ def check_task_workers(task_workers: int, model: nn.Module) -> int:
     """
     if isinstance(task_workers, bool) or not isinstance(task_workers, int) or task_workers < 1:
         raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
-    if task_workers > 1 and fused_forward(model) is None:
-        raise ValueError(f"task_workers > 1 needs a fastadapt Conv4 with max-pool blocks (its forward is "
+    if task_workers > 1 and not thread_safe_forward(model):
+        raise ValueError(f"task_workers > 1 needs a Conv4-style model with max-pool blocks (its forward is "
                          f"thread-safe), got {type(model).__name__}")
     return task_workers
 
@@ -131,16 +166,20 @@ def stacked_params(params: Params, tasks: int) -> Params:
     return {name: p.expand(tasks, *p.shape) for name, p in params.items()}
 
 
-def _supported(m: nn.Module) -> bool:
-    if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
-    if isinstance(m, nn.BatchNorm2d):
-        return m.affine and not m.track_running_stats
-    if isinstance(m, nn.MaxPool2d):
-        return not m.return_indices
-    if isinstance(m, nn.Flatten):
-        return m.start_dim == 1 and m.end_dim == -1
-    return type(m) in (nn.ReLU, nn.Linear)
+def _batchable(chain: Chain) -> bool:
+    """Whether `_build_batched` computes `chain`: convolutions without groups and with explicit
+    padding, one `Flatten(1, -1)` at most, Linear layers only after it."""
+    flat = False
+    for _, m in chain:
+        if isinstance(m, nn.Conv2d) and not (m.groups == 1 and isinstance(m.padding, tuple)):
+            return False
+        if isinstance(m, nn.Flatten):
+            if flat or (m.start_dim, m.end_dim) != (1, -1):
+                return False
+            flat = True
+        if isinstance(m, nn.Linear) and not flat:
+            return False
+    return True
 
 
 def batched_meta_gradients(
