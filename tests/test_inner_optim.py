@@ -1,6 +1,8 @@
-"""Differentiable inner optimizers (functional.optim): torch.optim step for step, exact second-order
-meta-gradients (central finite differences, float64), Adam's NaN-safe root, vmap, bad arguments,
-and every execution path of the gradient learner against a plain autograd reference."""
+"""Differentiable inner optimizers (functional.optim): gradient transformations and their chains
+against torch.optim (weight decay and clip_grad_norm_ included) step for step, exact second-order
+meta-gradients (central finite differences, float64), Adam's NaN-safe root, vmap and per-task
+updates of stacked tasks, bad arguments, and every execution path of the gradient learner against
+a plain autograd reference."""
 
 from __future__ import annotations
 
@@ -11,9 +13,22 @@ from torch.func import functional_call, grad, vmap
 
 from fastadapt import MAML, TaskBatch
 from fastadapt.functional import inner_adapt
-from fastadapt.functional.optim import adam, make_inner_optimizer, momentum, safe_sqrt, sgd
+from fastadapt.functional.optim import (ScaleByLrState, add_decayed_weights, adam, apply_updates, chain,
+                                       clip_by_global_norm, make_inner_optimizer, momentum, per_task, safe_sqrt,
+                                       scale_by_lr, sgd, trace)
 from fastadapt.nn import MLP, Conv4
 from meta_grad_helpers import assert_grads_close, engine_grads
+
+MAX_NORM = 0.3  # below every gradient norm of these tests' losses: the clipped chains clip at every step
+
+
+class _ClipThenSGD(torch.optim.SGD):
+    """torch.nn.utils.clip_grad_norm_ before every torch.optim.SGD step."""
+
+    def step(self, closure=None):
+        torch.nn.utils.clip_grad_norm_([p for group in self.param_groups for p in group["params"]], MAX_NORM)
+        return super().step(closure)
+
 
 OPTIMIZERS = {
     "sgd": (lambda lr: sgd(lr), lambda p, lr: torch.optim.SGD(p, lr=lr)),
@@ -22,7 +37,19 @@ OPTIMIZERS = {
                  lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.7, nesterov=True)),
     "adam": (lambda lr: adam(lr, betas=(0.8, 0.95), eps=1e-6),
              lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.8, 0.95), eps=1e-6)),
+    "decay-trace-lr chain": (lambda lr: chain(add_decayed_weights(0.3), trace(0.8), scale_by_lr(lr)),
+                             lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.8, weight_decay=0.3)),
+    "adam weight_decay": (lambda lr: adam(lr, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2),
+                          lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2)),
+    "clip-sgd chain": (lambda lr: chain(clip_by_global_norm(MAX_NORM), scale_by_lr(lr)),
+                       lambda p, lr: _ClipThenSGD(p, lr=lr)),
 }
+
+
+def _step(opt, grads, state, params):
+    """One optimizer step: the updates applied."""
+    updates, state = opt.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "float64")
@@ -51,13 +78,26 @@ def test_each_optimizer_matches_torch_optim_step_for_step(name):
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = F.mse_loss(functional_call(model, params, (x,)), y)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-        params, state = opt.update(grads, state, params)
+        if "clip" in name:
+            assert torch.cat([g.reshape(-1) for g in grads.values()]).norm() > MAX_NORM  # it clips
+        params, state = _step(opt, grads, state, params)
         torch_opt.zero_grad()
         F.mse_loss(reference(x), y).backward()
         torch_opt.step()
         for k, p in reference.named_parameters():
             assert torch.allclose(params[k], p, rtol=0, atol=1e-12), (name, step, k)
-    assert state.count == 6
+    assert state[-1] == ScaleByLrState(6)
+
+
+@pytest.mark.parametrize("lr", [0.37, torch.tensor(0.37, dtype=torch.float32), {"w": 0.37}])
+def test_sgd_updates_are_bit_for_bit_p_minus_lr_g(lr):
+    g = torch.Generator().manual_seed(7)
+    params = {"w": torch.randn(1000, generator=g, dtype=torch.float32)}
+    grads = {"w": torch.randn(1000, generator=g, dtype=torch.float32) * 10.0 ** torch.randint(-8, 8, (1000,))}
+    opt = sgd(lr)
+    new, _ = _step(opt, grads, opt.init(params), params)
+    rate = lr["w"] if isinstance(lr, dict) else lr
+    assert torch.equal(new["w"], params["w"] - rate * grads["w"])
 
 
 def test_per_parameter_rates_match_torch_parameter_groups():
@@ -72,7 +112,7 @@ def test_per_parameter_rates_match_torch_parameter_groups():
     for _ in range(5):
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = F.mse_loss(functional_call(model, params, (x,)), y)
-        params, state = opt.update(dict(zip(params, torch.autograd.grad(loss, list(params.values())))), state, params)
+        params, state = _step(opt, dict(zip(params, torch.autograd.grad(loss, list(params.values())))), state, params)
         torch_opt.zero_grad()
         F.mse_loss(reference(x), y).backward()
         torch_opt.step()
@@ -124,6 +164,74 @@ def test_learned_per_step_rates_get_exact_gradients():
 
     rates = torch.full((3, len(names)), 0.1).add_(torch.linspace(0, 0.05, 3 * len(names)).view(3, -1))
     assert torch.autograd.gradcheck(meta_loss, (rates.requires_grad_(),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _clipped_chain(lr):
+    return chain(clip_by_global_norm(MAX_NORM), trace(0.9), scale_by_lr(lr))
+
+
+def _support_gradient_norm(model) -> torch.Tensor:
+    sx, sy = _data(1)
+    grads = torch.autograd.grad(F.mse_loss(model(sx), sy), list(model.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads]).norm()
+
+
+def test_clipped_chain_second_order_meta_gradient_matches_finite_differences():
+    model = _tiny_model(1)
+    assert _support_gradient_norm(model) > 2 * MAX_NORM  # the clip is active, away from its kink
+    meta_loss, flat = _meta_loss_of(model, lambda: _clipped_chain(0.1), steps=2)
+    assert torch.autograd.gradcheck(meta_loss, (flat,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_learned_rate_of_a_clipped_chain_gets_its_exact_meta_gradient():
+    model = _tiny_model(2)
+    assert _support_gradient_norm(model) > 2 * MAX_NORM
+    names = [k for k, _ in model.named_parameters()]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sx, sy = _data(1)
+    qx, qy = _data(2)
+
+    def meta_loss(rate: torch.Tensor) -> torch.Tensor:
+        adapted, _ = inner_adapt(model, params, sx, sy, loss_fn=F.mse_loss, steps=2, optimizer=_clipped_chain(rate),
+                                 names=names)
+        return F.mse_loss(functional_call(model, adapted, (qx,)), qy)
+
+    rate = torch.tensor(0.1, requires_grad=True)
+    assert torch.autograd.gradcheck(meta_loss, (rate,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.grad(meta_loss(rate), rate)[0] != 0
+
+
+def test_per_task_updates_each_stacked_task_on_its_own():
+    g = torch.Generator().manual_seed(5)
+    stacked = {"w": torch.randn(4, 3, 2, generator=g), "b": torch.randn(4, 2, generator=g)}
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in stacked.items()} for _ in range(3)]
+    opt = per_task(_clipped_chain(0.1))
+    params, state = stacked, opt.init(stacked)
+    for step_grads in grads:
+        params, state = _step(opt, step_grads, state, params)
+    for t in range(4):
+        one = {k: v[t] for k, v in stacked.items()}
+        one_state = _clipped_chain(0.1).init(one)
+        for step_grads in grads:
+            one, one_state = _step(_clipped_chain(0.1), {k: v[t] for k, v in step_grads.items()}, one_state, one)
+        for k in one:
+            assert torch.allclose(params[k][t], one[k], rtol=0, atol=1e-14), (t, k)
+    # without per_task the norm would span all tasks
+    joint, _ = _step(_clipped_chain(0.1), grads[0], _clipped_chain(0.1).init(stacked), stacked)
+    alone, _ = _step(opt, grads[0], opt.init(stacked), stacked)
+    assert not torch.allclose(joint["w"], alone["w"])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers_work_under_no_grad(name):
+    opt = OPTIMIZERS[name][0](torch.tensor(0.1, requires_grad=True))
+    params = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(6), requires_grad=True)}
+    grads = {"w": torch.ones(3, 2)}
+    with torch.no_grad():
+        quiet, _ = _step(opt, grads, opt.init(params), params)
+    loud, _ = _step(opt, grads, opt.init(params), params)
+    assert not quiet["w"].requires_grad and loud["w"].requires_grad
+    assert torch.equal(quiet["w"], loud["w"].detach())
 
 
 def _naive_adam_update(g: torch.Tensor, lr: float = 0.1) -> torch.Tensor:
@@ -178,7 +286,7 @@ def test_optimizers_work_under_vmap_over_parameter_sets(name):
         state = opt.init(params)
         for _ in range(4):
             grads = grad(lambda p: F.mse_loss(functional_call(model, p, (x,)), y))(params)
-            params, state = opt.update(grads, state, params)
+            params, state = _step(opt, grads, state, params)
         return params
 
     vectorised = vmap(run)(batch)
@@ -201,6 +309,12 @@ def test_optimizers_work_under_vmap_over_parameter_sets(name):
     (lambda: adam(0.1, betas=0.9), r"betas must be a pair"),
     (lambda: adam(0.1, eps=0.0), r"eps must be a finite number > 0, got 0.0"),
     (lambda: make_inner_optimizer("rmsprop", 0.1), r"must be one of sgd, momentum, adam; got 'rmsprop'"),
+    (lambda: clip_by_global_norm(0), r"max_norm must be a finite number > 0, got 0"),
+    (lambda: add_decayed_weights(-0.1), r"weight_decay must be a finite number >= 0, got -0.1"),
+    (lambda: momentum(0.1, weight_decay=float("inf")), r"weight_decay must be a finite number >= 0, got inf"),
+    (lambda: chain(sgd(0.1), "fast"), r"chain takes GradientTransformations; argument 1 is 'fast'"),
+    (lambda: add_decayed_weights(0.1).update({"w": torch.ones(1)}, ()), r"add_decayed_weights needs the parameters"),
+    (lambda: apply_updates({"w": torch.ones(1)}, {"v": torch.ones(1)}), r"updates has \['v'\], params has \['w'\]"),
 ])
 def test_bad_arguments_are_refused_with_the_value_named(make, match):
     with pytest.raises(ValueError, match=match):
@@ -218,7 +332,7 @@ def test_bad_updates_name_the_missing_tensors_and_steps():
     per_step = adam([0.1, 0.2])
     state = per_step.init(params)
     for _ in range(2):
-        params, state = per_step.update(grads, state, params)
+        params, state = _step(per_step, grads, state, params)
     with pytest.raises(ValueError, match="per-step learning rates for 2 steps; step 3"):
         per_step.update(grads, state, params)
 
@@ -254,7 +368,7 @@ def _reference(learner, batch, loss):
         for _ in range(learner.inner_steps):
             inner = loss(functional_call(model, {**params, **adapted}, (batch.support_x[t],)), batch.support_y[t])
             grads = dict(zip(names, torch.autograd.grad(inner, list(adapted.values()), create_graph=True)))
-            adapted, state = opt.update(grads, state, adapted)
+            adapted, state = _step(opt, grads, state, adapted)
         total = total + loss(functional_call(model, {**params, **adapted}, (batch.query_x[t],)), batch.query_y[t])
     trainable = [p for p in learner.parameters() if p.requires_grad]
     return torch.autograd.grad(total / len(batch), trainable, allow_unused=True)
@@ -263,6 +377,14 @@ def _reference(learner, batch, loss):
 def _conv4(seed=0):
     torch.manual_seed(seed)
     return Conv4(in_channels=1, ways=3, hidden=6, image_size=16)
+
+
+def test_task_batched_support_phase_clips_each_task_on_its_own():
+    learner = MAML(_conv4(), inner_lr=0.3, inner_steps=2,
+                   inner_optimizer=lambda lr: chain(clip_by_global_norm(0.05), scale_by_lr(lr)))
+    assert learner._task_batched is not None  # the grouped-convolution support phase is used
+    batch = _image_batch()
+    assert_grads_close(engine_grads(learner, batch), _reference(learner, batch, F.cross_entropy))
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])

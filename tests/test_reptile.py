@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fastadapt
 from fastadapt import Reptile, SinusoidTasks, TaskBatch
 from fastadapt.algorithms.reptile import CarriedAdamState, fine_tune_tasks, minibatch_order, reptile_optimizer
+from fastadapt.functional.optim import AdamState, find_state
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import MLP, Conv4
 from fastadapt.training import evaluate_learner
@@ -142,7 +143,7 @@ def test_persistent_inner_state_is_the_authors_serial_reptile_one_adam_carried_a
         outer.step()
     carried = reptile.carried_state
     assert carried is not None and int(carried.count) == 9
-    start = carried.start(1)
+    start = find_state(carried.start(1, reptile.inner_opt), AdamState)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-8), name  # conv biases before BatchNorm: see above
         assert torch.allclose(start.nu[name][0], adam.state[q]["exp_avg_sq"], rtol=1e-9, atol=1e-20), name
@@ -165,11 +166,11 @@ def test_carrying_tasks_run_at_once_equals_running_them_one_after_another_for_fi
         for t in range(4):
             for _ in range(2):
                 _, chained = opt.update({"w": grads[t]}, chained, {"w": torch.zeros(3, dtype=torch.float64)})
-        together = carried.start(4)
+        together = carried.start(4, opt)
         for _ in range(2):
             _, together = opt.update({"w": grads}, together, {"w": torch.zeros(4, 3, dtype=torch.float64)})
         carried.carry(together)
-    start = carried.start(1)
+    start, chained = find_state(carried.start(1, opt), AdamState), find_state(chained, AdamState)
     assert start.count == chained.count == 16
     assert torch.allclose(start.mu["w"][0], chained.mu["w"], rtol=1e-12, atol=0)
     assert torch.allclose(start.nu["w"][0], chained.nu["w"], rtol=1e-12, atol=0)
@@ -187,14 +188,16 @@ def test_a_batched_outer_step_carries_every_tasks_final_state_once():
     theta = {n: p.detach() for n, p in reptile.model.named_parameters()}
     _, _, final = fine_tune_tasks(task_batched_forward(reptile.model), theta, batch.support_x, batch.support_y,
                                   loss_fn=F.cross_entropy, steps=3, optimizer=reptile.inner_opt,
-                                  generators=[None] * 3, state=carried.start(3))  # full batches: no shuffling
+                                  generators=[None] * 3, state=carried.start(3, reptile.inner_opt))  # no shuffling
+    final = find_state(final, AdamState)
     reptile.meta_loss(batch)
     assert int(carried.count) == 6 + 9
     for name in theta:
         expected = 0.999 ** 9 * before[f"nu.{name.replace('.', '__')}"] + sum(
             0.999 ** (3 * (2 - t)) * (final.nu[name][t] - 0.999 ** 3 * before[f"nu.{name.replace('.', '__')}"])
             for t in range(3))
-        assert torch.allclose(carried.start(1).nu[name][0], expected, rtol=1e-10, atol=1e-30), name
+        start = find_state(carried.start(1, reptile.inner_opt), AdamState)
+        assert torch.allclose(start.nu[name][0], expected, rtol=1e-10, atol=1e-30), name
     after = {k: v.clone() for k, v in carried.state_dict().items()}
     reptile.task_metrics(_batch(2))
     reptile.adapt(batch.support_x[0], batch.support_y[0])

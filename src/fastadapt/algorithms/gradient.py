@@ -7,8 +7,8 @@
 - MAML++ (Antoniou et al. 2019): per-step learned rates, multi-step loss, per-step BatchNorm
   weights and statistics, derivative-order annealing (`MAMLPlusPlus`, `algorithms.mamlpp`).
 
-The inner optimizer (`inner_optimizer=`) is SGD by default, or momentum or Adam, differentiable
-to second order (`functional.optim`).
+The inner optimizer (`inner_optimizer=`) is SGD by default, or momentum, Adam or any gradient
+transformation (`functional.optim`), differentiable to second order.
 
 Execution over a `TaskBatch` is chosen at every call by `functional.planner` from the model's
 structure and the options (`learner.plan(batch)` says which path and why; `execution=` asks):
@@ -43,7 +43,7 @@ from ..data.episodes import TaskBatch
 from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
                           mixed_precision, split_meta_gradients)
 from ..functional.inner_loop import StepHooks
-from ..functional.optim import INNER_OPTIMIZERS, InnerOptimizer, LearningRate
+from ..functional.optim import INNER_OPTIMIZERS, GradientTransformation, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
 from ..functional.planner import EXECUTIONS, Execution, Plan, plan_meta_batch
 from ..functional.structure import fixed_structure
@@ -104,8 +104,9 @@ class GradientLearner(nn.Module):
             MAML, Conv4 Omniglot 5w1s, docs/performance.md), with that many groups' graphs in memory.
             Needs a `fastadapt.nn.Conv4` with max-pool blocks (the forward that is thread-safe).
         inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
-            `inner_lr` (or the learned rates); or a function `rate -> InnerOptimizer`
-            (`functional.optim`). Its state starts afresh for every task.
+            `inner_lr` (or the learned rates); or a function `rate -> GradientTransformation`
+            (`functional.optim`), e.g. `lambda lr: chain(clip_by_global_norm(1.0), scale_by_lr(lr))`.
+            Its state starts afresh for every task.
         per_step_inner_lr: learn one inner rate per adapted parameter tensor and inner step,
             initialised at `inner_lr` (MAML++ LSLR). Not with `learn_inner_lr`.
         multi_step_loss_iterations: for the first this many outer iterations, the query loss is
@@ -147,7 +148,7 @@ class GradientLearner(nn.Module):
         checkpoint_inner_loop: bool = False,
         task_group: int | None = None,
         task_workers: int = 1,
-        inner_optimizer: str | Callable[[LearningRate], InnerOptimizer] = "sgd",
+        inner_optimizer: str | Callable[[LearningRate], GradientTransformation] = "sgd",
         per_step_inner_lr: bool = False,
         multi_step_loss_iterations: int = 0,
         per_step_bn_weights: bool = False,
@@ -165,7 +166,7 @@ class GradientLearner(nn.Module):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if not (callable(inner_optimizer) or inner_optimizer in INNER_OPTIMIZERS):
             raise ValueError(f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)} (or a function "
-                             f"rate -> InnerOptimizer), got {inner_optimizer!r}")
+                             f"rate -> GradientTransformation), got {inner_optimizer!r}")
         for name, value in (("multi_step_loss_iterations", multi_step_loss_iterations),
                             ("first_order_iterations", first_order_iterations)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -246,7 +247,7 @@ class GradientLearner(nn.Module):
             return {name: self.inner_lr for name in self.adapt_names}
         return dict(zip(self.adapt_names, self.inner_lrs))
 
-    def inner_optimizer_for_task(self) -> InnerOptimizer:
+    def inner_optimizer_for_task(self) -> GradientTransformation:
         """The inner optimizer at the current (possibly learned, per-step) rates."""
         rates: LearningRate = (
             [self.step_sizes(k) for k in range(self.inner_steps)] if self.per_step_lrs is not None

@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import AdamState, InnerOptimizer, LossFn, Params, adam, forward, loss_with_grads, momentum, sgd
+from ..functional import (AdamState, GradientTransformation, LossFn, Params, adam, apply_updates, forward,
+                          loss_with_grads, momentum, sgd)
+from ..functional.optim import find_state, per_task, replace_state
 from ..functional.task_batched import BatchedForward, per_task_losses, stacked_params, task_batched_forward
 from .gradient import AdaptedModel
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
@@ -89,7 +91,7 @@ def fine_tune_tasks(
     *,
     loss_fn: LossFn,
     steps: int,
-    optimizer: InnerOptimizer,
+    optimizer: GradientTransformation,
     batch_size: int | None = None,
     generators: Sequence[torch.Generator | None],
     state: Any | None = None,
@@ -98,10 +100,11 @@ def fine_tune_tasks(
     `x (T, N, ...)`, `y (T, N, ...)`, from `params` for every task, no graph kept.
 
     `run` computes all tasks (`functional.task_batched_forward`: one grouped graph; or
-    `looped_forward`: one call per task); `optimizer` is a `functional.optim` optimizer starting
-    from `state` (stacked per task, e.g. `CarriedAdamState.start`; None: `optimizer.init`, Adam's
-    moments at zero). Task t's mini-batches come from `generators[t]` (None: torch's global
-    generator), drawn in task order, as fine-tuning task after task would draw them.
+    `looped_forward`: one call per task); `optimizer` is a `functional.optim` optimizer, applied to
+    each task on its own (`optim.per_task`), starting from `state` (stacked per task, e.g.
+    `CarriedAdamState.start`; None: `optimizer.init`, Adam's moments at zero). Task t's
+    mini-batches come from `generators[t]` (None: torch's global generator), drawn in task order,
+    as fine-tuning task after task would draw them.
     Returns the adapted weights stacked `(T, *p.shape)`, each task's loss on its first
     mini-batch `(T,)`, and the optimizer's final state.
 
@@ -125,7 +128,8 @@ def fine_tune_tasks(
     rows = torch.arange(tasks, device=x.device)[:, None]
     per_task_loss = per_task_losses(loss_fn)
     point = {name: p.detach() for name, p in stacked_params(params, tasks).items()}
-    state = optimizer.init(point) if state is None else state
+    each_task = per_task(optimizer)
+    state = each_task.init(point) if state is None else state
     first_losses: Tensor | None = None
     for index in orders:
         with torch.enable_grad():  # also under an outer no_grad (evaluation)
@@ -133,16 +137,18 @@ def fine_tune_tasks(
             losses = per_task_loss(run(leaves, x[rows, index]), y[rows, index])
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), materialize_grads=True)
         first_losses = losses.detach() if first_losses is None else first_losses
-        point, state = optimizer.update(dict(zip(leaves, grads)), state, point)
+        updates, state = each_task.update(dict(zip(leaves, grads)), state, point)
+        point = apply_updates(point, updates)
     assert first_losses is not None
     return point, first_losses, state
 
 
-def reptile_optimizer(name: InnerOptimizerName, lr: float, adam_betas: tuple[float, float] = (0.0, 0.999)) -> InnerOptimizer:
+def reptile_optimizer(name: InnerOptimizerName, lr: float,
+                      adam_betas: tuple[float, float] = (0.0, 0.999)) -> GradientTransformation:
     """Reptile's inner optimizer by name: "sgd", "momentum" (beta 0.9) or "adam" (the paper's beta1 = 0).
 
     Example:
-        >>> reptile_optimizer("adam", 1e-3).init({"w": torch.zeros(1)}).count
+        >>> find_state(reptile_optimizer("adam", 1e-3).init({"w": torch.zeros(1)}), AdamState).count
         0
     """
     if name == "adam":
@@ -157,8 +163,9 @@ class CarriedAdamState(nn.Module):
 
     The authors' TensorFlow code restores only the model's weights after a task, so Adam's state runs
     on: task after task, outer step after outer step; evaluation starts every task from it and
-    restores it afterwards. Here `start(T)` hands T tasks the carried state and `carry(final)`
-    absorbs their final states as if they had run one after another: each moment decays by
+    restores it afterwards. Here `start(T, optimizer)` hands T tasks the optimizer's state with the
+    carried moments and count in its `AdamState` (`scale_by_adam`'s), and `carry(final)` absorbs
+    their final states as if they had run one after another: each moment decays by
     `beta ** (K * T)` and adds every task's own contribution, `final_t - beta ** K * start`, weighted
     by the decay of the tasks after it (K inner steps per task). With one task per outer step (the
     serial version) this is exactly the authors' state; with T tasks run at once, each task misses
@@ -169,10 +176,11 @@ class CarriedAdamState(nn.Module):
 
     Example:
         >>> state = CarriedAdamState({"w": torch.zeros(2)}, betas=(0.0, 0.999))
-        >>> start = state.start(tasks=3)
-        >>> start.count, start.nu["w"].shape
+        >>> start = state.start(3, reptile_optimizer("adam", 1e-3))
+        >>> moments = find_state(start, AdamState)
+        >>> moments.count, moments.nu["w"].shape
         (0, torch.Size([3, 2]))
-        >>> state.carry(AdamState(5, start.mu, {"w": torch.ones(3, 2)}))
+        >>> state.carry(replace_state(start, AdamState(5, moments.mu, {"w": torch.ones(3, 2)})))
         >>> int(state.count)
         15
     """
@@ -193,16 +201,21 @@ class CarriedAdamState(nn.Module):
     def _moments(self, store: nn.Module) -> Params:
         return {name: getattr(store, _buffer_name(name)) for name in self.names}
 
-    def start(self, tasks: int) -> AdamState:
-        """The carried state, one copy per task `(tasks, *p.shape)`."""
+    def start(self, tasks: int, optimizer: GradientTransformation) -> Any:
+        """`optimizer`'s initial state for `tasks` tasks with the carried Adam state in it, one copy per
+        task `(tasks, *p.shape)`."""
         def stack(store: nn.Module) -> Params:
             return {n: v.expand(tasks, *v.shape).clone() for n, v in self._moments(store).items()}
+        carried = AdamState(int(self.count), stack(self.mu), stack(self.nu))
+        state = replace_state(per_task(optimizer).init(carried.mu), carried)
         self._handed_out = (int(self.count), tasks)
-        return AdamState(int(self.count), stack(self.mu), stack(self.nu))
+        return state
 
     @torch.no_grad()
-    def carry(self, final: AdamState) -> None:
-        """Absorbs the final states of the tasks the last `start` was handed out to, in task order (once)."""
+    def carry(self, final_state: Any) -> None:
+        """Absorbs the final optimizer states of the tasks the last `start` was handed out to (their
+        `AdamState`), in task order (once)."""
+        final = find_state(final_state, AdamState)
         got_tasks = next(iter(final.nu.values())).shape[0]
         if self._handed_out != (int(self.count), got_tasks) or final.count <= int(self.count):
             raise RuntimeError(f"carry() takes the final state of the tasks of the last start() (count, tasks) = "
@@ -288,9 +301,9 @@ class Reptile(nn.Module):
         self.inner_state: InnerStateMode = inner_state
         self.carried_state = CarriedAdamState(self._theta(), adam_betas) if inner_state == "persistent" else None
 
-    def _start_state(self, tasks: int) -> AdamState | None:
-        """Where the inner optimizer starts for `tasks` tasks: the carried Adam state, or fresh (None)."""
-        return None if self.carried_state is None else self.carried_state.start(tasks)
+    def _start_state(self, tasks: int) -> Any | None:
+        """Where the inner optimizer starts for `tasks` tasks: with the carried Adam state, or fresh (None)."""
+        return None if self.carried_state is None else self.carried_state.start(tasks, self.inner_opt)
 
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
         return task_loss(self.task, output, target)

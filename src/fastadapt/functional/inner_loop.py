@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from .fused_block import fused_forward
-from .optim import InnerOptimizer, sgd
+from .optim import GradientTransformation, apply_updates, sgd
 
 __all__ = ["Params", "LossFn", "StepHooks", "forward", "inner_adapt", "inner_trajectory", "resolve_inner"]
 
@@ -50,8 +50,8 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
     return functional_call(model, dict(params), (x,), strict=False)
 
 
-def resolve_inner(step_sizes: Mapping[str, Tensor | float] | None, optimizer: InnerOptimizer | None,
-                  names: Sequence[str] | None) -> tuple[list[str], InnerOptimizer]:
+def resolve_inner(step_sizes: Mapping[str, Tensor | float] | None, optimizer: GradientTransformation | None,
+                  names: Sequence[str] | None) -> tuple[list[str], GradientTransformation]:
     """The adapted parameter names and the optimizer, from `step_sizes` (plain SGD, its keys the
     names) or from `optimizer` with `names`; exactly one of the two forms.
 
@@ -80,7 +80,7 @@ def inner_adapt(
     steps: int,
     step_sizes: Mapping[str, Tensor | float] | None = None,
     first_order: bool = False,
-    optimizer: InnerOptimizer | None = None,
+    optimizer: GradientTransformation | None = None,
     names: Sequence[str] | None = None,
     hooks: StepHooks | None = None,
 ) -> tuple[Params, Tensor | None]:
@@ -117,7 +117,7 @@ def inner_trajectory(
     steps: int,
     step_sizes: Mapping[str, Tensor | float] | None = None,
     first_order: bool = False,
-    optimizer: InnerOptimizer | None = None,
+    optimizer: GradientTransformation | None = None,
     names: Sequence[str] | None = None,
     hooks: StepHooks | None = None,
 ) -> tuple[list[Params], Tensor | None]:
@@ -155,7 +155,8 @@ def inner_trajectory(
             grads, loss = grad_and_value(support_loss)(point, buffers)
         if first_loss is None:
             first_loss = loss
-        adapted, state = optimizer.update(grads, state, adapted)
+        updates, state = optimizer.update(grads, state, adapted)
+        adapted = apply_updates(adapted, updates)
         points.append({**frozen, **adapted})
     return points, first_loss
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .inner_loop import LossFn, Params, StepHooks, forward, inner_adapt, inner_trajectory, resolve_inner
-from .optim import InnerOptimizer
+from .optim import GradientTransformation
 from .taskwise import add_gradients, place_gradients
 
 __all__ = ["QueryPass", "split_meta_gradients", "mixed_precision", "check_step_weights"]
@@ -94,7 +94,7 @@ def split_meta_gradients(
     scale: float = 1.0,
     checkpoint: bool = False,
     autocast_dtype: torch.dtype | None = None,
-    optimizer: InnerOptimizer | None = None,
+    optimizer: GradientTransformation | None = None,
     names: Sequence[str] | None = None,
     hooks: StepHooks | None = None,
     step_weights: Sequence[float] | None = None,

@@ -29,7 +29,7 @@ from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
 from .structure import Chain, layer_chain
 from .inner_loop import LossFn, Params, resolve_inner
 from .norm_relu_pool import is_norm_relu_pool, norm_relu_pool
-from .optim import InnerOptimizer
+from .optim import GradientTransformation, apply_updates, per_task
 from .split import QueryPass, check_step_weights, mixed_precision
 from .taskwise import add_gradients, place_gradients
 
@@ -196,7 +196,7 @@ def batched_meta_gradients(
     autocast_dtype: torch.dtype | None = None,
     group: int = 4,
     checkpoint: bool = False,
-    optimizer: InnerOptimizer | None = None,
+    optimizer: GradientTransformation | None = None,
     names: Sequence[str] | None = None,
     step_params: Callable[[int], Params] | None = None,
     step_weights: Sequence[float] | None = None,
@@ -212,7 +212,7 @@ def batched_meta_gradients(
     rebuilds one step's graph at a time during the backward: memory does not grow with `steps`.
 
     The inner loop is plain SGD at `step_sizes`, or `optimizer` over `names` (`functional.optim`;
-    its updates are element-wise, so they apply to the stacked `(T, ...)` weights as they are).
+    it updates each task's slice of the stacked `(T, ...)` weights on its own, `optim.per_task`).
     MAML++'s options: `step_params(s)` gives parameters that replace the model's own in the
     forwards at θ_s (per-step BatchNorm weights), and `step_weights` (w_1 .. w_steps) makes the
     query loss the multi-step loss `sum_i w_i L_q(θ_i)`, as in `functional.split`. The
@@ -255,7 +255,7 @@ def batched_meta_gradients(
 
 
 def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
-                          optimizer: InnerOptimizer, names: list[str], first_order: bool, query_pass: QueryPass,
+                          optimizer: GradientTransformation, names: list[str], first_order: bool, query_pass: QueryPass,
                           wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int,
                           step_params: Callable[[int], Params] | None, weights: list[float]):
     tasks = len(batch)
@@ -266,7 +266,8 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
     adapted = stacked_params(params, tasks)
     points = [adapted]
     per_task_loss = per_task_losses(loss_fn)
-    state = optimizer.init({n: adapted[n] for n in names})
+    each_task = per_task(optimizer)
+    state = each_task.init({n: adapted[n] for n in names})
     support_losses = None
     with torch.enable_grad():
         for step in range(steps):
@@ -275,9 +276,10 @@ def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch,
             support_losses = losses.detach() if support_losses is None else support_losses
             grads = torch.autograd.grad(losses.sum(), [adapted[n] for n in names], create_graph=not first_order,
                                         allow_unused=True, materialize_grads=True)
-            updated, state = optimizer.update({n: g.detach() if first_order else g for n, g in zip(names, grads)},
-                                              state, {n: adapted[n] for n in names})
-            adapted = {**adapted, **updated}
+            current = {n: adapted[n] for n in names}
+            updates, state = each_task.update({n: g.detach() if first_order else g for n, g in zip(names, grads)},
+                                              state, current)
+            adapted = {**adapted, **apply_updates(current, updates)}
             points.append(adapted)
         # one first-order query pass per weighted point, then one backward through the support graph
         targets, grad_outputs, query_losses = [], [], None
