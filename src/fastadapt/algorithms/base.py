@@ -27,7 +27,7 @@ from ..data.episodes import TaskBatch
 from ..functional import Params, forward
 from .objectives import TaskKind, task_metrics
 
-__all__ = ["Learner", "AdaptedModel", "module_mode"]
+__all__ = ["Learner", "AdaptedModel", "EpisodePredictor", "module_mode"]
 
 
 @contextlib.contextmanager
@@ -55,8 +55,9 @@ def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
 class AdaptedModel(nn.Module):
     """A task-adapted predictor: `predictor(x)` runs `model` with the adapted `params`.
 
-    Holds parameters, not a copy of the module, and never writes into it. It predicts in the mode
-    of the learner that made it (eval mode during evaluation); `context` (optional) gives the
+    Holds parameters, not a copy of the module, and never writes into its parameters or buffers.
+    It predicts in `training` mode, by default the mode the module was in when the learner adapted
+    (eval mode during evaluation, or after `learner.eval()` or `model.eval()`); `context` (optional) gives the
     context each prediction runs in (per-step BatchNorm statistics). The model is not registered
     as a submodule: `predictor.eval()` concerns the predictor alone.
 
@@ -67,17 +68,40 @@ class AdaptedModel(nn.Module):
         tensor([2., 2., 2.])
     """
 
-    def __init__(self, model: nn.Module, params: Params, training: bool = False,
+    def __init__(self, model: nn.Module, params: Params, training: bool | None = None,
                  context: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.__dict__["model"] = model  # not a submodule (see the class docstring)
         self.params = params
         self.context = context
-        self.train(training)
+        self.train(model.training if training is None else training)
 
     def forward(self, x: Tensor) -> Tensor:
         with module_mode(self.model, self.training), (self.context() if self.context else contextlib.nullcontext()):
             return forward(self.model, self.params, x)
+
+
+class EpisodePredictor(nn.Module):
+    """A predictor for one episode of a learner that needs no adapted weights (ProtoNet, Matching
+    Networks): `predict(support_x, support_y, query_x)` with the support set kept, running `module`
+    in the mode it had when the predictor was made. `module` is not registered as a submodule.
+
+    Example:
+        >>> predictor = EpisodePredictor(nn.Identity(), lambda sx, sy, qx: qx + sx.sum(), torch.ones(2), None)
+        >>> predictor(torch.zeros(1))
+        tensor([2.])
+    """
+
+    def __init__(self, module: nn.Module, predict: Callable[[Tensor, Tensor, Tensor], Tensor], support_x: Tensor,
+                 support_y: Tensor) -> None:
+        super().__init__()
+        self.__dict__["module"] = module
+        self.predict, self.support_x, self.support_y = predict, support_x, support_y
+        self.train(module.training)
+
+    def forward(self, query_x: Tensor) -> Tensor:
+        with module_mode(self.module, self.training):
+            return self.predict(self.support_x, self.support_y, query_x)
 
 
 class Learner(nn.Module, metaclass=abc.ABCMeta):

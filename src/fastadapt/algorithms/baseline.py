@@ -17,9 +17,7 @@ at once (batched matrix products), with the same result as one by one.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
+from .base import Learner, module_mode
 
 __all__ = ["Baseline", "CosineHead", "cosine_logits", "default_scale"]
 
@@ -78,29 +77,19 @@ class CosineHead(nn.Module):
         return cosine_logits(z, self.weight, self.scale)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own mode restored after it."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-class _FineTuned:
-    """`learner(query_x)`: the frozen backbone's embeddings through one episode's fitted head."""
+class _FineTuned(nn.Module):
+    """`predictor(query_x)`: the frozen backbone's embeddings (eval mode) through one episode's fitted head."""
 
     def __init__(self, net: Baseline, weight: Tensor, bias: Tensor | None) -> None:
-        self.net, self.weight, self.bias = net, weight, bias
+        super().__init__()
+        self.__dict__["net"] = net  # not a submodule: the predictor holds no parameters of its own
+        self.weight, self.bias = weight, bias
 
-    def __call__(self, query_x: Tensor) -> Tensor:
+    def forward(self, query_x: Tensor) -> Tensor:
         return self.net.head_logits(self.net.embed(query_x), self.weight, self.bias)
 
 
-class Baseline(nn.Module):
+class Baseline(Learner):
     """Pre-train a backbone with a global head; per episode, fit a new head on frozen embeddings.
 
     Args:
@@ -172,7 +161,7 @@ class Baseline(nn.Module):
     # -- fine-tuning --------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
         """Frozen-backbone embeddings `(N, D)` (eval mode, no graph)."""
-        with _eval_mode(self.encoder), torch.no_grad():
+        with module_mode(self.encoder, training=False), torch.no_grad():
             return self.encoder(x).flatten(1)
 
     def head_logits(self, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -218,19 +207,16 @@ class Baseline(nn.Module):
         weight, bias = self.fit_heads(self.embed(support_x)[None], support_y[None], ways)
         return _FineTuned(self, weight[0], None if bias is None else bias[0])
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task query `loss` and `accuracy`, `(T,)` tensors, after fitting each task's new head
-        (`inner_steps` is ignored: the fine-tuning schedule is `finetune_epochs`)."""
-        logits = self.query_outputs(batch)
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """(`inner_steps` is ignored: the fine-tuning schedule is `finetune_epochs`.)"""
+        logits = self._query_outputs(batch, None)
         return {
             "loss": F.cross_entropy(logits.transpose(1, 2), batch.query_y, reduction="none").mean(1),
             "accuracy": (logits.argmax(-1) == batch.query_y).float().mean(1),
         }
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every episode's query logits from its own fitted head, `(T, queries, ways)`."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """Every episode's query logits from its own fitted head."""
         tasks = len(batch)
         ways = int(batch.support_y.max()) + 1
         support = self.embed(batch.support_x.flatten(0, 1)).unflatten(0, (tasks, -1))

@@ -49,33 +49,16 @@ from ..functional.planner import EXECUTIONS, Execution, Plan, plan_meta_batch
 from ..functional.structure import fixed_structure
 from ..functional.task_batched import batched_meta_gradients, check_task_workers, task_batched_forward
 from .annealing import multi_step_loss_weights
+from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
-__all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "AdaptedModel"]
+__all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL"]
 
 Precision = Literal["fp32", "bf16"]
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
-class AdaptedModel:
-    """The model with task-adapted parameters: `learner(x)` predicts for that task.
-
-    Holds parameters, not a copy of the module; calling it never changes the original model.
-    `context` (optional) gives the context each prediction runs in (per-step BatchNorm statistics).
-    """
-
-    def __init__(self, model: nn.Module, params: Params,
-                 context: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
-        self.model = model
-        self.params = params
-        self.context = context
-
-    def __call__(self, x: Tensor) -> Tensor:
-        with self.context() if self.context is not None else contextlib.nullcontext():
-            return forward(self.model, self.params, x)
-
-
-class GradientLearner(nn.Module):
+class GradientLearner(Learner):
     """Gradient-based meta-learning (MAML family) over any `nn.Module`.
 
     Args:
@@ -102,7 +85,9 @@ class GradientLearner(nn.Module):
             intra-op thread each (`runtime.map_in_threads`); the same result. On 2 cores 2 workers
             were 1.2-1.6x faster than one group at a time with 2 intra-op threads (second-order
             MAML, Conv4 Omniglot 5w1s, docs/performance.md), with that many groups' graphs in memory.
-            Needs a `fastadapt.nn.Conv4` with max-pool blocks (the forward that is thread-safe).
+            Needs a model whose forward is a conv chain with a max-pool first block (`fastadapt.nn.Conv4`,
+            or the same layers in an `nn.Sequential`: the forward that is thread-safe); if the model
+            is edited into another shape, its batches run one group at a time.
         inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
             `inner_lr` (or the learned rates); or a function `rate -> GradientTransformation`
             (`functional.optim`), e.g. `lambda lr: chain(clip_by_global_norm(1.0), scale_by_lr(lr))`.
@@ -344,7 +329,7 @@ class GradientLearner(nn.Module):
                                      steps=steps, first_order=self.first_order, hooks=hooks, **self._inner_spec())
         if hooks is None:
             return AdaptedModel(self.model, points[-1])
-        return AdaptedModel(self.model, {**points[-1], **hooks.params(steps)}, lambda: hooks.context(steps))
+        return AdaptedModel(self.model, {**points[-1], **hooks.params(steps)}, context=lambda: hooks.context(steps))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query loss over the batch after adaptation, and detached metrics (means over tasks).
@@ -384,15 +369,11 @@ class GradientLearner(nn.Module):
                                per_task_statistics=self.step_norm is not None and self.step_norm.statistics,
                                task_group=self.task_group, task_workers=self.task_workers)
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task metrics after adaptation, with no outer graph: `(T,)` tensors.
-
-        Includes `loss`, `accuracy` (classification) and `loss_before` (query loss before adapting).
-        """
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """Also `loss_before`, the query loss before adapting."""
         params = {k: v.detach() for k, v in self.meta_params().items()}
         hooks = self._hooks(training=False)
-        outputs = self.query_outputs(batch, inner_steps)
+        outputs = self._query_outputs(batch, inner_steps)
         rows = []
         for t in range(len(batch)):
             ep = batch[t]
@@ -401,10 +382,7 @@ class GradientLearner(nn.Module):
             rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every task's query outputs after adaptation, `(T, queries, outputs)`, with no outer graph
-        (what an ensemble of checkpoints averages, as MAML++'s evaluation does)."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
         steps = self._check_steps(inner_steps or self.inner_steps)
         params = {k: v.detach() for k, v in self.meta_params().items()}
         hooks = self._hooks(training=False)

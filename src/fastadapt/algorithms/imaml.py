@@ -32,7 +32,7 @@ from ..data.episodes import TaskBatch
 from ..functional import Params, add_gradients, forward, loss_with_grads
 from ..functional.task_batched import check_task_workers, per_task_losses, stacked_params, task_batched_forward
 from ..runtime import map_in_threads
-from .gradient import AdaptedModel
+from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["IMAML", "conjugate_gradient", "proximal_adapt"]
@@ -158,7 +158,7 @@ def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, s
     return {name: t.detach() for name, t in phi.items()}, first_loss
 
 
-class IMAML(nn.Module):
+class IMAML(Learner):
     """Implicit MAML over any `nn.Module`: proximal inner problem, implicit meta-gradient by CG.
 
     Args:
@@ -411,12 +411,11 @@ class IMAML(nn.Module):
         out = forward(self.model, {**frozen, **phi}, x).detach()
         return out, self._loss_fn(out, y)
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task `loss`, `accuracy` (classification) and `loss_before` after adapting, `(T,)` tensors."""
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """Also `loss_before`, the query loss before adapting."""
         theta, frozen = self._split()
         params = {**frozen, **theta}
-        outputs = self.query_outputs(batch, inner_steps)
+        outputs = self._query_outputs(batch, inner_steps)
         rows = []
         for t in range(len(batch)):
             ep = batch[t]
@@ -425,10 +424,8 @@ class IMAML(nn.Module):
             rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every task's query outputs after solving its test-time inner problem (`eval_lam`),
-        `(T, queries, outputs)`."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """After solving each task's test-time inner problem (`eval_lam`)."""
         steps = inner_steps or self.inner_steps
         theta, frozen = self._split()
         outputs = []

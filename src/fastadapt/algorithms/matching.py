@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import add_gradients, forward, loss_with_grads
+from .base import EpisodePredictor, Learner
 
 __all__ = ["FullContextEmbedding", "MatchingNet", "Similarity", "cosine_attention", "matching_log_probs"]
 
@@ -95,17 +96,7 @@ class FullContextEmbedding(nn.Module):
         return h
 
 
-class _MatchingPredictor:
-    """`learner(query_x)` for one episode: the query's log-probabilities over the support classes."""
-
-    def __init__(self, net: MatchingNet, support_x: Tensor, support_y: Tensor) -> None:
-        self.net, self.support_x, self.support_y = net, support_x, support_y
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        return self.net.episode_logits(self.support_x, self.support_y, query_x)
-
-
-class MatchingNet(nn.Module):
+class MatchingNet(Learner):
     """Matching Networks over any embedding `encoder` (e.g. Conv4 without head).
 
     Support and query images of an episode are embedded in one forward pass, so BatchNorm sees
@@ -161,9 +152,9 @@ class MatchingNet(nn.Module):
         """Query log-probabilities `(M, ways)`, ways = largest support label + 1."""
         return matching_log_probs(self.attention(support_x, query_x), support_y, int(support_y.max()) + 1)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> _MatchingPredictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> EpisodePredictor:
         """Returns a predictor for the episode whose support set is given (nothing is trained)."""
-        return _MatchingPredictor(self, support_x, support_y)
+        return EpisodePredictor(self.encoder, self.episode_logits, support_x, support_y)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query cross-entropy over the batch, and metrics (means over tasks).
@@ -186,14 +177,12 @@ class MatchingNet(nn.Module):
         mean_loss = torch.stack(losses).mean()
         return (loss_with_grads(mean_loss, trainable, total) if taskwise else mean_loss), metrics
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task `loss` and `accuracy`, `(T,)` tensors (`inner_steps` is ignored: no inner loop)."""
-        return _metrics(self.query_outputs(batch), batch.query_y)
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """(`inner_steps` is ignored: no inner loop.)"""
+        return _metrics(self._query_outputs(batch, None), batch.query_y)
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every episode's query logits, `(T, queries, ways)` (`inner_steps` is ignored)."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """Every episode's query log-probabilities (`inner_steps` is ignored)."""
         return torch.stack([self.episode_logits(batch.support_x[t], batch.support_y[t], batch.query_x[t])
                             for t in range(len(batch))])
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..data.episodes import TaskBatch
 from ..functional import add_gradients, forward, loss_with_grads, mixed_precision
 from ..functional.fold import can_fold, fold_call
+from .base import EpisodePredictor, Learner
 
 __all__ = ["ProtoNet", "prototypes", "proto_logits"]
 
@@ -32,17 +33,7 @@ def proto_logits(query_z: Tensor, protos: Tensor) -> Tensor:
     return -(query_z.unsqueeze(-2) - protos.unsqueeze(-3)).pow(2).sum(-1)
 
 
-class _ProtoPredictor:
-    """`learner(query_x)` for one adapted episode: embeds the query beside the support set."""
-
-    def __init__(self, net: "ProtoNet", support_x: Tensor, support_y: Tensor) -> None:
-        self.net, self.support_x, self.support_y = net, support_x, support_y
-
-    def __call__(self, query_x: Tensor) -> Tensor:
-        return self.net._episode_logits(self.support_x, self.support_y, query_x)
-
-
-class ProtoNet(nn.Module):
+class ProtoNet(Learner):
     """Prototypical Networks over any embedding `encoder`.
 
     Each episode's support and query images are embedded in one forward pass, so BatchNorm sees
@@ -83,9 +74,9 @@ class ProtoNet(nn.Module):
         n = support_x.shape[0]
         return proto_logits(z[n:], prototypes(z[:n], support_y, ways))
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> _ProtoPredictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> EpisodePredictor:
         """Returns a predictor for the episode whose support set is given."""
-        return _ProtoPredictor(self, support_x, support_y)
+        return EpisodePredictor(self.encoder, self._episode_logits, support_x, support_y)
 
     def batch_logits(self, batch: TaskBatch) -> Tensor:
         """Query logits of every episode, `(T, N*Q, ways)`."""
@@ -120,14 +111,12 @@ class ProtoNet(nn.Module):
         metrics = {k: v.mean() for k, v in self._metrics(torch.stack(all_logits), batch.query_y).items()}
         return loss_with_grads(torch.stack(losses).mean(), trainable, total), metrics
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task `loss` and `accuracy`, `(T,)` tensors (`inner_steps` is ignored: no inner loop)."""
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """(`inner_steps` is ignored: no inner loop.)"""
         return self._metrics(self.batch_logits(batch), batch.query_y)
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every episode's query logits, `(T, queries, ways)` (`inner_steps` is ignored)."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """Every episode's query logits (`inner_steps` is ignored)."""
         return self.batch_logits(batch)
 
     def _metrics(self, logits: Tensor, query_y: Tensor) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from ..functional import (AdamState, GradientTransformation, LossFn, Params, ada
                           loss_with_grads, momentum, sgd)
 from ..functional.optim import find_state, per_task, replace_state
 from ..functional.task_batched import BatchedForward, per_task_losses, stacked_params, task_batched_forward
-from .gradient import AdaptedModel
+from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["CarriedAdamState", "Reptile", "fine_tune_tasks", "looped_forward", "minibatch_order",
@@ -237,7 +237,7 @@ def _buffer_name(parameter: str) -> str:
     return parameter.replace(".", "__")
 
 
-class Reptile(nn.Module):
+class Reptile(Learner):
     """Reptile over any `nn.Module`: its parameters are the meta-learned initialisation.
 
     Args:
@@ -355,17 +355,15 @@ class Reptile(nn.Module):
         direction = [theta[name] - phi[name].mean(0) for name, _ in named]
         return loss_with_grads(metrics["loss"], [p for _, p in named], direction), metrics
 
-    @torch.no_grad()
-    def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task `loss`, `accuracy` (classification) and `loss_before` after fine-tuning, `(T,)` tensors."""
-        outputs = self.query_outputs(batch, inner_steps)
+    def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
+        """Also `loss_before`, the query loss before fine-tuning."""
+        outputs = self._query_outputs(batch, inner_steps)
         after = [task_metrics(self.task, outputs[t], batch.query_y[t]) for t in range(len(batch))]
         before = self._metrics(self._run(), stacked_params(self._theta(), len(batch)), batch.query_x, batch.query_y)
         return {**{k: torch.stack([r[k] for r in after]) for k in after[0]}, "loss_before": before["loss"]}
 
-    @torch.no_grad()
-    def query_outputs(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
-        """Every task's query outputs after fine-tuning, `(T, queries, outputs)`."""
+    def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """After fine-tuning each task."""
         generators = [self._eval_generator() for _ in range(len(batch))]
         run = self._run()
         phi, _, _ = self._fine_tune_tasks(run, self._theta(), batch.support_x, batch.support_y,

@@ -51,10 +51,16 @@ State = TypeVar("State")
 
 
 class GradientTransformation(NamedTuple):
-    """`init(params) -> state` and `update(grads, state, params=None) -> (updates, new_state)`."""
+    """`init(params) -> state` and `update(grads, state, params=None) -> (updates, new_state)`.
+
+    `elementwise`: every update entry depends only on the same entry of the gradients, state and
+    parameters (no norm over them), so it applies to several tasks' parameters stacked on a leading
+    dimension as they are; False (the safe default for your own) makes `per_task` vmap it.
+    """
 
     init: Callable[[Params], Any]
     update: Callable[..., tuple[Params, Any]]
+    elementwise: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -116,7 +122,7 @@ def chain(*transformations: GradientTransformation) -> GradientTransformation:
             states.append(inner)
         return grads, tuple(states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, all(t.elementwise for t in transformations))
 
 
 def scale_by_lr(lr: LearningRate) -> GradientTransformation:
@@ -140,7 +146,7 @@ def scale_by_lr(lr: LearningRate) -> GradientTransformation:
         lrs = rates.at(state.count, grads)
         return {n: -(lrs[n] * g) for n, g in grads.items()}, ScaleByLrState(state.count + 1)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, elementwise=True)
 
 
 def trace(beta: float = 0.9, nesterov: bool = False) -> GradientTransformation:
@@ -168,7 +174,7 @@ def trace(beta: float = 0.9, nesterov: bool = False) -> GradientTransformation:
         updates = {n: g + beta * velocity[n] for n, g in grads.items()} if nesterov else velocity
         return updates, TraceState(velocity)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, elementwise=True)
 
 
 def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> GradientTransformation:
@@ -201,7 +207,7 @@ def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) 
         updates = {n: (mu[n] / correction1) / (safe_sqrt(nu[n] / correction2) + eps) for n in grads}
         return updates, AdamState(count, mu, nu)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, elementwise=True)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -242,7 +248,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         _same_names(grads, params, "grads")
         return {n: torch.add(g, params[n], alpha=weight_decay) for n, g in grads.items()}, state
 
-    return GradientTransformation(_empty_init, update)
+    return GradientTransformation(_empty_init, update, elementwise=True)
 
 
 def sgd(lr: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
@@ -303,6 +309,9 @@ def per_task(transformation: GradientTransformation) -> GradientTransformation:
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
     """
+    if transformation.elementwise:
+        return transformation
+
     def init(params: Params) -> Any:
         return _over_tasks(transformation.init, params)
 

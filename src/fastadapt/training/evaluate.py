@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..algorithms.base import Learner
 from ..algorithms.objectives import task_metrics
+from ..functional.task_batched import thread_safe_forward
 from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
 from ..runtime import map_in_threads
@@ -45,12 +48,14 @@ def mean_ci95(values: Tensor) -> Estimate:
     return Estimate(float(values.mean()), 1.96 * float(values.std(unbiased=True)) / math.sqrt(n), n)
 
 
-def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
+def evaluate_learner(learner: Learner, source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
              inner_steps: int | None = None) -> dict[str, Estimate]:
     """Adapts to test episodes 0..episodes-1 of `source` and estimates every per-task metric.
 
     The episodes are a pure function of `source.seed`, so every algorithm and every run sees the
-    very same ones. No outer graph is built. A learner on the CPU with `task_workers` N > 1 (it
+    very same ones. The learner runs in eval mode (Dropout off; BatchNorm with running
+    statistics reads them, never updates them) with no outer graph, and nothing is written into its
+    module; its modes are restored after. A learner on the CPU with `task_workers` N > 1 (it
     accepts N only where its forward is thread-safe) evaluates N batches at once in threads with
     one intra-op thread each: a one-thread evaluation's numbers, faster on N cores.
 
@@ -62,10 +67,10 @@ def evaluate_learner(learner: Any, source: TaskSource, episodes: int = 1000, *, 
         ['loss', 'loss_before']
     """
     return _estimates(lambda batch: learner.task_metrics(batch, inner_steps=inner_steps), source, episodes, batch_size,
-                      _workers([learner]))
+                      [learner])
 
 
-def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
+def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
                       inner_steps: int | None = None) -> dict[str, Estimate]:
     """Like `evaluate_learner`, for the mean of several learners' query outputs: each adapts to an
     episode on its own, their outputs (logits, or regression values) are averaged, and the
@@ -81,7 +86,7 @@ def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int
     """
     if not learners:
         raise ValueError("an ensemble needs at least one learner")
-    kinds = {getattr(learner, "task", "classification") for learner in learners}
+    kinds = {learner.task for learner in learners}
     if len(kinds) != 1:
         raise ValueError(f"an ensemble's learners must solve one kind of task, got {sorted(kinds)}")
     kind = kinds.pop()
@@ -91,23 +96,30 @@ def evaluate_ensemble(learners: Sequence[Any], source: TaskSource, episodes: int
         rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
-    return _estimates(metrics, source, episodes, batch_size, _workers(learners))
+    return _estimates(metrics, source, episodes, batch_size, learners)
 
 
-def _workers(learners: Sequence[Any]) -> int:
-    """How many episode batches the learners evaluate at once: their `task_workers` on the CPU, else 1."""
+def _workers(learners: Sequence[Learner]) -> int:
+    """How many episode batches the learners evaluate at once: their `task_workers` on the CPU where
+    every forward is (still) thread-safe, else 1."""
     on_cpu = all(p.device.type == "cpu" for learner in learners for p in learner.parameters())
-    return min(getattr(learner, "task_workers", 1) for learner in learners) if on_cpu else 1
+    workers = min(learner.task_workers for learner in learners) if on_cpu else 1
+    return workers if workers > 1 and all(thread_safe_forward(learner.model) for learner in learners) else 1
 
 
 def _estimates(metrics: Callable[[TaskBatch], dict[str, Tensor]], source: TaskSource, episodes: int,
-               batch_size: int, workers: int = 1) -> dict[str, Estimate]:
+               batch_size: int, learners: Sequence[Learner]) -> dict[str, Estimate]:
     """`metrics` (per-task `(T,)` tensors) over test episodes 0..episodes-1 of `source`, `batch_size`
-    at a time (`workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each."""
+    at a time (`_workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each.
+    The learners' eval mode is entered here, in the calling thread, before any worker starts."""
     starts = list(range(0, episodes, batch_size))
     collected: dict[str, list[Tensor]] = {}
-    for batch_metrics in map_in_threads(lambda start: metrics(source.task_batch(start, min(batch_size, episodes - start))),
-                                        starts, workers):
-        for name, value in batch_metrics.items():
-            collected.setdefault(name, []).append(value)
+    with contextlib.ExitStack() as stack:
+        for learner in learners:
+            stack.enter_context(learner.evaluation())
+        for batch_metrics in map_in_threads(
+                lambda start: metrics(source.task_batch(start, min(batch_size, episodes - start))),
+                starts, _workers(learners)):
+            for name, value in batch_metrics.items():
+                collected.setdefault(name, []).append(value)
     return {name: mean_ci95(torch.cat(values)) for name, values in collected.items()}
