@@ -43,3 +43,14 @@ def reference_meta_grad(learner, batch, loss=F.cross_entropy):
         total = total + loss(functional_call(model, p, (batch.query_x[t],)), batch.query_y[t])
     trainable = [q for q in learner.parameters() if q.requires_grad]
     return torch.autograd.grad(total / len(batch), trainable, allow_unused=True)
+
+
+def adapted_params(model, params, x, y, *, loss_fn, steps, optimizer, names, first_order=False):
+    """The whole parameter dict after `steps` inner steps on `(x, y)` through the engine's one loop
+    (`functional.adapt`), the entries in `names` adapted, and the support loss before adapting."""
+    from fastadapt.functional import adapt, model_support_loss
+
+    frozen = {n: p for n, p in params.items() if n not in names}
+    trajectory = adapt(model_support_loss(model, x, y, loss_fn=loss_fn, frozen=frozen), {n: params[n] for n in names},
+                       optimizer=optimizer, steps=steps, first_order=first_order)
+    return {**frozen, **trajectory.points[-1]}, trajectory.losses[0]

@@ -4,6 +4,7 @@ and MAML++ learns on real Omniglot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from fastadapt.algorithms import MAMLPlusPlus
 from fastadapt.algorithms.annealing import multi_step_loss_weights
 from fastadapt.cli import _run_config, build_parser
 from fastadapt.functional.fused_block import fused_forward
-from fastadapt.functional.task_batched import batched_meta_gradients, task_batched_forward
+from fastadapt.functional.optim import sgd
+from fastadapt.functional.rules import meta_gradients
+from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
 from fastadapt.training.config import Config, ConfigError, load_recipe
@@ -137,9 +140,12 @@ def _mamlpp(execution="loop", **options):
     return learner
 
 
-@pytest.mark.parametrize("execution", ["loop", "loop-per-task", "graph"])
+@pytest.mark.parametrize("execution", ["loop", "loop-per-task", "graph", "loop-checkpointed",
+                                       "loop-per-task-checkpointed"])
 def test_multi_step_loss_with_per_step_rates_and_batchnorm_matches_autograd_reference(float64, execution):
-    learner = _mamlpp("per-task" if execution == "loop-per-task" else execution)
+    checkpointed = execution.endswith("-checkpointed")
+    execution = execution.removesuffix("-checkpointed")
+    learner = _mamlpp("per-task" if execution == "loop-per-task" else execution, checkpoint_inner_loop=checkpointed)
     batch = _batch()
     if execution == "loop":  # "loop" runs the support phases of all tasks at once
         assert learner.plan(batch).path == "task-groups"
@@ -170,10 +176,18 @@ def test_all_tasks_at_once_equals_task_by_task_in_loss_metrics_and_gradients(flo
 def test_batched_engine_refuses_step_parameters_that_the_inner_loop_adapts():
     learner = _mamlpp()
     params = learner.meta_params()
-    with pytest.raises(ValueError, match=r"step_params replace parameter\(s\) \['head.weight'\], which the inner loop"):
-        batched_meta_gradients(task_batched_forward(learner.model), params, _batch(), loss_fn=F.cross_entropy, steps=1,
-                               step_sizes={"head.weight": 0.1}, first_order=False, query_pass=learner._query_pass,
-                               wrt=list(params.values()), step_params=lambda step: {"head.weight": params["head.weight"]})
+
+    class Hooks:
+        def params(self, step):
+            return {"head.weight": params["head.weight"]}
+
+        def context(self, step):
+            return contextlib.nullcontext()
+
+    with pytest.raises(ValueError, match=r"step hooks replace parameter\(s\) \['head.weight'\], which the inner loop"):
+        meta_gradients(task_batched_forward(learner.model), params, _batch(), loss_fn=F.cross_entropy, steps=1,
+                       optimizer=sgd(0.1), names=["head.weight"], first_order=False, query_pass=learner._query_pass,
+                       wrt=list(params.values()), group=2, hooks=Hooks())
 
 
 def test_after_the_multi_step_phase_only_the_last_step_counts(float64):
@@ -243,6 +257,16 @@ def test_per_step_statistics_leave_training_gradients_unchanged_and_track_each_s
     assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
 
 
+def test_checkpointing_updates_per_step_statistics_once_and_keeps_the_gradient(float64):
+    batch = _batch(tasks=2)
+    learners = [MAMLPlusPlus(_conv4(), inner_lr=0.2, inner_steps=2, per_step_bn_statistics=True,
+                             checkpoint_inner_loop=checkpoint) for checkpoint in (False, True)]
+    plain, checkpointed = (engine_grads(learner, batch) for learner in learners)
+    assert_grads_close(checkpointed, plain, tol=1e-12)
+    states = [learner.step_norm.state_dict() for learner in learners]
+    assert all(torch.allclose(states[0][k], states[1][k], rtol=0, atol=1e-14) for k in states[0])
+
+
 def test_per_step_statistics_refuse_a_forward_that_skips_batchnorm_layers():
     norm = MAMLPlusPlus(_conv4(), inner_steps=2, per_step_bn_statistics=True).step_norm
     x = torch.rand(4, 6, 5, 5)
@@ -275,8 +299,6 @@ def test_per_step_options_refuse_models_and_step_counts_they_cannot_serve():
     with pytest.raises(ValueError, match="for 2 inner steps; 3 were asked for"):
         learner.task_metrics(_batch(), inner_steps=3)
     assert learner.task_metrics(_batch(), inner_steps=1)["accuracy"].shape == (2,)
-    with pytest.raises(ValueError, match="checkpoint_inner_loop supports plain SGD"):
-        MAMLPlusPlus(_conv4(), checkpoint_inner_loop=True)
 
 
 # -- configs, recipes, schedule -----------------------------------------------------------------
@@ -298,7 +320,6 @@ def test_maml_plus_plus_config_defaults_and_errors():
         ({"algorithm": "maml", "per_step_bn_statistics": True}, "need BatchNorm layers; backbone 'mlp'"),
         ({"algorithm": "maml", "inner_optimizer": "rmsprop"}, "inner_optimizer must be one of sgd, momentum, adam"),
         ({"algorithm": "maml", "min_meta_lr": 1e-5}, "min_meta_lr is the floor of the cosine schedule"),
-        ({"algorithm": "maml++", "checkpoint_inner_loop": True}, "checkpoint_inner_loop supports plain SGD"),
     ]:
         with pytest.raises(ConfigError, match=match):
             Config.from_dict(values)

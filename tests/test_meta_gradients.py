@@ -162,3 +162,37 @@ def test_the_reference_comparison_catches_vmap_through_batchnorm():
     if worst <= 1e-9:
         pytest.skip(f"torch {torch.__version__} gets vmap through BatchNorm right: the refusal could be lifted")
     assert worst > 1e-6
+
+
+def _smoothed(output, target):
+    return F.cross_entropy(output, target, label_smoothing=0.2)
+
+
+def _log_cosh(output, target):
+    return torch.log(torch.cosh(output - target)).mean()
+
+
+@pytest.mark.parametrize("execution", ["loop", "loop-checkpointed", "per-task", "per-task-checkpointed", "graph"])
+def test_a_loss_fn_of_yours_changes_the_meta_gradient_as_in_the_reference(execution):
+    learner = MAML(_conv4(), inner_lr=0.3, inner_steps=2, execution=execution.removesuffix("-checkpointed"),
+                   checkpoint_inner_loop=execution.endswith("-checkpointed"), loss_fn=_smoothed)
+    batch = _image_batch()
+    engine = engine_meta_grad(learner, batch)
+    assert_close(engine, reference_meta_grad(learner, batch, _smoothed))
+    plain = reference_meta_grad(learner, batch)
+    assert max(float((e - p).norm()) for e, p in zip(engine, plain) if e is not None and p is not None) > 1e-4
+
+
+@pytest.mark.parametrize("execution", ["auto", "vmap", "graph"])
+def test_a_loss_fn_of_yours_on_the_mlp_paths(execution):
+    torch.manual_seed(1)
+    learner = MAML(MLP(1, [16, 16], 1).double(), inner_lr=0.1, inner_steps=2, task="regression", execution=execution,
+                   loss_fn=_log_cosh)
+    g = torch.Generator().manual_seed(3)
+    batch = TaskBatch(*(torch.randn(4, 6, 1, generator=g) for _ in range(4)))
+    assert learner.plan(batch).path == {"auto": "per-task", "vmap": "vmap", "graph": "graph"}[execution]
+    assert_close(engine_meta_grad(learner, batch), reference_meta_grad(learner, batch, _log_cosh))
+    with torch.no_grad():  # the loss metric is the objective's
+        outputs = learner.query_outputs(batch)
+    expected = torch.stack([_log_cosh(outputs[t], batch.query_y[t]) for t in range(len(batch))])
+    assert torch.allclose(learner.task_metrics(batch)["loss"], expected)

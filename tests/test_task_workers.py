@@ -13,7 +13,7 @@ import torch
 
 import fastadapt
 import fastadapt.algorithms.imaml as imaml
-import fastadapt.functional.task_batched as task_batched
+import fastadapt.functional.rules as rules
 import fastadapt.training.evaluate as evaluate
 from fastadapt.cli import main
 from fastadapt.training.checkpoint import load_checkpoint, step_name
@@ -52,13 +52,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.mark.parametrize("config", [TINY, TINY_IMAML], ids=["maml++", "imaml"])
 def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path, monkeypatch, config):
     seen: list[int] = []
-    map_in_threads = task_batched.map_in_threads
+    map_in_threads = rules.map_in_threads
 
     def recorded(fn, items, workers):
         seen.append(workers)
         return map_in_threads(fn, items, workers)
 
-    for module in (task_batched, imaml, evaluate):
+    for module in (rules, imaml, evaluate):
         monkeypatch.setattr(module, "map_in_threads", recorded)
     alone = fastadapt.train(config, tmp_path / "alone", progress=False)
     assert set(seen) == {1}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
+from ..functional import adapt, add_decayed_weights, chain, scale_by_lr, trace
 from .base import Learner, module_mode
 
 __all__ = ["Baseline", "CosineHead", "cosine_logits", "default_scale"]
@@ -179,27 +180,24 @@ class Baseline(Learner):
         generator = torch.Generator().manual_seed(self.finetune_seed)
         bound = 1 / math.sqrt(d)  # nn.Linear's initialisation: U(-1/sqrt(d), 1/sqrt(d))
         weight = ((torch.rand(ways, d, generator=generator, dtype=z.dtype) * 2 - 1) * bound).to(z.device)
-        params = [weight.expand(tasks, -1, -1).clone().requires_grad_(True)]
+        start = {"weight": weight.expand(tasks, -1, -1)}
         if self.head_kind == "linear":
             bias = ((torch.rand(ways, generator=generator, dtype=z.dtype) * 2 - 1) * bound).to(z.device)
-            params.append(bias.expand(tasks, -1).clone().requires_grad_(True))
+            start["bias"] = bias.expand(tasks, -1)
         orders = torch.rand(self.finetune_epochs, n, generator=generator).argsort(dim=1)  # a shuffle per epoch
-        buffers: list[Tensor | None] = [None] * len(params)
-        with torch.enable_grad():
-            for order in orders:
-                for chunk in order.split(self.finetune_batch):
-                    logits = self.head_logits(z[:, chunk], params[0], params[1] if len(params) > 1 else None)
-                    # sum over tasks of each task's mean loss: each task gets its own gradient
-                    loss = F.cross_entropy(logits.flatten(0, 1), y[:, chunk].flatten(), reduction="sum") / len(chunk)
-                    grads = torch.autograd.grad(loss, params)
-                    with torch.no_grad():  # torch.optim.SGD's update, momentum with dampening
-                        for i, (p, g) in enumerate(zip(params, grads)):
-                            g = g + self.weight_decay * p
-                            previous = buffers[i]
-                            step = g if previous is None else previous.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
-                            buffers[i] = step
-                            p.sub_(self.finetune_lr * step)
-        return params[0].detach(), (params[1].detach() if len(params) > 1 else None)
+        chunks = [chunk for order in orders for chunk in order.split(self.finetune_batch)]
+
+        def chunk_loss(head: dict[str, Tensor], step: int) -> Tensor:
+            """The sum over tasks of each task's mean loss on mini-batch `step`: each task its own gradient."""
+            chunk = chunks[step]
+            logits = self.head_logits(z[:, chunk], head["weight"], head.get("bias"))
+            return F.cross_entropy(logits.flatten(0, 1), y[:, chunk].flatten(), reduction="sum") / len(chunk)
+
+        # torch.optim.SGD's update: coupled weight decay, momentum with dampening
+        optimizer = chain(add_decayed_weights(self.weight_decay), trace(self.momentum, dampening=self.dampening),
+                          scale_by_lr(self.finetune_lr))
+        head = adapt(chunk_loss, start, optimizer=optimizer, steps=len(chunks), keep_graph=False).points[-1]
+        return head["weight"], head.get("bias")
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> _FineTuned:
         """Fits a new head on the support set's frozen embeddings; returns the query predictor."""

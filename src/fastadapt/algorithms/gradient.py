@@ -40,16 +40,18 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from ..functional import (Params, QueryPass, add_gradients, forward, inner_trajectory, loss_with_grads,
-                          mixed_precision, split_meta_gradients)
-from ..functional.inner_loop import StepHooks
+from ..functional import (Params, QueryPass, adapt, forward, loss_with_grads, mixed_precision,
+                          model_support_loss)
+from ..functional.inner_loop import LossFn, StepHooks
 from ..functional.optim import INNER_OPTIMIZERS, GradientTransformation, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
 from ..functional.planner import EXECUTIONS, Execution, Plan, plan_meta_batch
 from ..functional.structure import fixed_structure
-from ..functional.task_batched import batched_meta_gradients, check_task_workers, task_batched_forward
+from ..functional.rules import meta_gradients
+from ..functional.task_batched import check_task_workers, looped_forward, task_batched_forward
 from .annealing import multi_step_loss_weights
 from .base import AdaptedModel, Learner
+from .clone import Clone
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
 __all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL"]
@@ -104,6 +106,10 @@ class GradientLearner(Learner):
             `adapt`) normalises with them instead, inductively. See `functional.step_norm`.
         first_order_iterations: derivative-order annealing: first-order meta-gradients for the
             first this many outer iterations, then second order.
+        loss_fn: `loss_fn(outputs, targets) -> scalar` for one task, the inner and the outer loss
+            (and the `loss` metric); None: cross-entropy for classification, MSE for regression.
+            It runs task by task: "auto" execution does not vmap it (ask `execution="vmap"` for a
+            vmap-safe one).
 
     The outer iteration that the last two count is `iteration`, advanced by each `meta_loss`
     call with gradients enabled and saved in the state dict (so a resumed run continues it).
@@ -139,6 +145,7 @@ class GradientLearner(Learner):
         per_step_bn_weights: bool = False,
         per_step_bn_statistics: bool = False,
         first_order_iterations: int = 0,
+        loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -163,15 +170,13 @@ class GradientLearner(Learner):
             raise ValueError(f"first_order_iterations={first_order_iterations} anneals from first to second order, "
                              "but the learner is first order throughout (first_order=True)")
         per_step_norm = per_step_bn_weights or per_step_bn_statistics
-        if checkpoint_inner_loop and (inner_optimizer != "sgd" or per_step_inner_lr or per_step_norm
-                                      or multi_step_loss_iterations):
-            raise ValueError("checkpoint_inner_loop supports plain SGD with constant rates only; it is refused with "
-                             "inner_optimizer other than 'sgd', per_step_inner_lr, per-step BatchNorm or "
-                             "multi_step_loss_iterations")
         if compile and per_step_bn_statistics:
             raise ValueError("compile=True is not supported with per_step_bn_statistics (its statistics intercept "
                              "batch_norm calls in the query pass); set one of them to False")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be a function (outputs, targets) -> scalar loss, got {loss_fn!r}")
         self.model = model
+        self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -256,22 +261,17 @@ class GradientLearner(Learner):
         return multi_step_loss_weights(self.inner_steps, self.current_iteration, self.multi_step_loss_iterations)
 
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
-        return task_loss(self.task, output, target)
+        return task_loss(self.task, output, target) if self.loss_fn is None else self.loss_fn(output, target)
 
-    def _plain_sgd(self) -> bool:
-        return self.inner_optimizer == "sgd" and self.per_step_lrs is None
+    def _metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return task_metrics(self.task, output, target, self.loss_fn)
 
-    def _inner_spec(self) -> dict:
-        """The engine's inner-loop arguments: `step_sizes` for plain SGD, else `optimizer` and `names`."""
-        if self._plain_sgd():
-            return {"step_sizes": self.step_sizes()}
-        return {"optimizer": self.inner_optimizer_for_task(), "names": self.adapt_names}
-
-    def _hooks(self, training: bool) -> StepHooks | None:
-        """Per-step BatchNorm hooks; training statistics are updated only when gradients are on."""
+    def _hooks(self, training: bool, update: bool = True) -> StepHooks | None:
+        """Per-step BatchNorm hooks; training statistics are updated only when gradients are on (and
+        `update`: not when checkpointing replays a step)."""
         if self.step_norm is None:
             return None
-        return self.step_norm.hooks(training, update=training and torch.is_grad_enabled())
+        return self.step_norm.hooks(training, update=update and training and torch.is_grad_enabled())
 
     def _check_steps(self, steps: int) -> int:
         if (self.per_step_lrs is not None or self.step_norm is not None) and steps > self.inner_steps:
@@ -293,8 +293,7 @@ class GradientLearner(Learner):
         chosen = range(steps, steps + 1) if weights is None else [k for k in range(1, steps + 1)
                                                                   if weights[k - 1] > 0 or k == steps]
         with self._autocast():
-            points, support_loss = inner_trajectory(self.model, params, sx, sy, loss_fn=self._loss_fn, steps=steps,
-                                                    first_order=first_order, hooks=hooks, **self._inner_spec())
+            points, support_loss = self._adapt_task(params, sx, sy, steps, first_order, hooks)
             outputs = {k: self._forward_at(points[k], k, qx, hooks) for k in chosen}
         if self.precision == "bf16":
             outputs = {k: o.float() for k, o in outputs.items()}
@@ -303,6 +302,16 @@ class GradientLearner(Learner):
             loss = (self._loss_fn(outputs[steps], qy) if weights is None
                     else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
         return outputs[steps], loss, support_loss
+
+    def _adapt_task(self, params: Params, sx: Tensor, sy: Tensor, steps: int, first_order: bool,
+                    hooks: StepHooks | None) -> tuple[list[Params], Tensor]:
+        """One task's inner loop (`functional.adapt`): the whole parameter dicts θ_0 .. θ_steps and
+        the support loss before adapting."""
+        adapted = {n: params[n] for n in self.adapt_names}
+        frozen = {n: p for n, p in params.items() if n not in adapted}
+        trajectory = adapt(model_support_loss(self.model, sx, sy, loss_fn=self._loss_fn, frozen=frozen, hooks=hooks),
+                           adapted, optimizer=self.inner_optimizer_for_task(), steps=steps, first_order=first_order)
+        return [{**frozen, **point} for point in trajectory.points], trajectory.losses[0]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return mixed_precision(_AUTOCAST[self.precision])
@@ -325,11 +334,27 @@ class GradientLearner(Learner):
         """
         steps = self._check_steps(steps or self.inner_steps)
         hooks = self._hooks(training=False)
-        points, _ = inner_trajectory(self.model, self.meta_params(), support_x, support_y, loss_fn=self._loss_fn,
-                                     steps=steps, first_order=self.first_order, hooks=hooks, **self._inner_spec())
+        points, _ = self._adapt_task(self.meta_params(), support_x, support_y, steps, self.first_order, hooks)
         if hooks is None:
             return AdaptedModel(self.model, points[-1])
         return AdaptedModel(self.model, {**points[-1], **hooks.params(steps)}, context=lambda: hooks.context(steps))
+
+    def clone(self, first_order: bool | None = None) -> Clone:
+        """A differentiable copy of the parameters for your own inner loop, with any loss
+        (`algorithms.clone`): `clone.adapt(loss)` takes one inner step (second order unless
+        `first_order`, default the learner's), `clone(x)` predicts, and a loss of it reaches the
+        meta-parameters with `backward()`.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> maml = MAML(torch.nn.Linear(3, 2), inner_lr=0.1)
+            >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+            >>> clone = maml.clone()
+            >>> clone.adapt(F.cross_entropy(clone(x), y))
+            >>> clone(x).shape
+            torch.Size([4, 2])
+        """
+        return Clone(self, first_order)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query loss over the batch after adaptation, and detached metrics (means over tasks).
@@ -345,10 +370,10 @@ class GradientLearner(Learner):
             if plan.path == "vmap":
                 losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights)
                 result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
-            elif plan.path == "task-groups":
-                result = self._support_batched(plan, batch, first_order, weights)
+            elif plan.path == "graph":
+                result = self._with_graphs(batch, first_order, weights)
             else:
-                result = self._looped(batch, plan.path == "graph", first_order, weights)
+                result = self._taskwise(plan, batch, first_order, weights)
         if hasattr(self, "iteration") and torch.is_grad_enabled():
             self.iteration += 1
         return result
@@ -364,7 +389,7 @@ class GradientLearner(Learner):
             'vmap'
         """
         trainable = any(p.requires_grad for p in self.parameters())
-        return plan_meta_batch(self.model, batch, request=self.execution,
+        return plan_meta_batch(self.model, batch, request=self.execution, custom_loss=self.loss_fn is not None,
                                differentiate=torch.is_grad_enabled() and trainable,
                                per_task_statistics=self.step_norm is not None and self.step_norm.statistics,
                                task_group=self.task_group, task_workers=self.task_workers)
@@ -377,7 +402,7 @@ class GradientLearner(Learner):
         rows = []
         for t in range(len(batch)):
             ep = batch[t]
-            row = task_metrics(self.task, outputs[t], ep.query_y)
+            row = self._metrics(outputs[t], ep.query_y)
             row["loss_before"] = self._loss_fn(self._forward_at(params, 0, ep.query_x, hooks), ep.query_y)
             rows.append(row)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -395,48 +420,33 @@ class GradientLearner(Learner):
         return torch.stack(outputs)
 
     # -- execution strategies -----------------------------------------------------------------
-    def _looped(self, batch: TaskBatch, keep_graph: bool, first_order: bool, weights: list[float] | None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _with_graphs(self, batch: TaskBatch, first_order: bool, weights: list[float] | None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Task after task, every task's graph kept: the loss supports any further autograd use."""
         params = self.meta_params()
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        taskwise = not keep_graph
         hooks = self._hooks(training=True)
-        count = len(batch)
-        spec = self._inner_spec()
-        losses, rows, total = [], [], None
-        for t in range(count):
+        losses, rows = [], []
+        for t in range(len(batch)):
             ep = batch[t]
-            if taskwise:
-                grads, out, loss, support_loss = split_meta_gradients(
-                    self.model, params, (ep.support_x, ep.support_y), (ep.query_x, ep.query_y),
-                    loss_fn=self._loss_fn, steps=self.inner_steps, first_order=first_order,
-                    query_pass=self._query_pass, wrt=trainable, scale=1 / count,
-                    checkpoint=self.checkpoint_inner_loop, autocast_dtype=_AUTOCAST[self.precision],
-                    hooks=hooks, step_weights=weights, **spec)
-                total = add_gradients(total, grads)
-            else:
-                out, loss, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
-                                                             self.inner_steps, first_order, hooks, ep.query_y, weights)
+            out, loss, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
+                                                         self.inner_steps, first_order, hooks, ep.query_y, weights)
             losses.append(loss)
-            row = task_metrics(self.task, out, ep.query_y)
-            row["support_loss"] = support_loss.detach()
-            rows.append(row)
-        mean_loss = torch.stack(losses).mean()
-        if taskwise:
-            mean_loss = loss_with_grads(mean_loss, trainable, total)
-        return mean_loss, {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+            rows.append({**self._metrics(out, ep.query_y), "support_loss": support_loss.detach()})
+        return torch.stack(losses).mean(), {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
 
-    def _support_batched(self, plan: Plan, batch: TaskBatch, first_order: bool, weights: list[float] | None
-                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _taskwise(self, plan: Plan, batch: TaskBatch, first_order: bool, weights: list[float] | None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Task groups (or single tasks) back-propagated as soon as their loss exists (`functional.rules`)."""
         trainable = [p for p in self.parameters() if p.requires_grad]
-        hooks = self._hooks(training=True)
-        grads, outputs, losses, support_losses = batched_meta_gradients(
-            task_batched_forward(self.model), self.meta_params(), batch, loss_fn=self._loss_fn, steps=self.inner_steps,
-            first_order=first_order, query_pass=self._query_pass, wrt=trainable,
-            autocast_dtype=_AUTOCAST[self.precision], group=plan.group, checkpoint=self.checkpoint_inner_loop,
-            step_params=hooks.params if hooks is not None else None, step_weights=weights,
-            workers=plan.workers, **self._inner_spec())
-        rows = [task_metrics(self.task, out, batch.query_y[t]) for t, out in enumerate(outputs)]
+        grouped = plan.path == "task-groups"
+        grads, outputs, losses, support_losses = meta_gradients(
+            task_batched_forward(self.model) if grouped else looped_forward(self.model), self.meta_params(), batch,
+            loss_fn=self._loss_fn, steps=self.inner_steps, optimizer=self.inner_optimizer_for_task(),
+            names=self.adapt_names, first_order=first_order, query_pass=self._query_pass, wrt=trainable,
+            group=plan.group, autocast_dtype=_AUTOCAST[self.precision], checkpoint=self.checkpoint_inner_loop,
+            hooks=self._hooks(training=True), replay_hooks=self._hooks(training=True, update=False),
+            step_weights=weights, workers=plan.workers, vmap_loss=self.loss_fn is None)
+        rows = [self._metrics(out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()
         return loss_with_grads(losses.mean(), trainable, grads), metrics
@@ -447,7 +457,7 @@ class GradientLearner(Learner):
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
             out, loss, support_loss = self._task_forward(params, sx, sy, qx, steps, first_order, None, qy, weights)
-            row = task_metrics(self.task, out, qy)
+            row = self._metrics(out, qy)
             row["support_loss"] = support_loss.detach()
             return loss, row
 

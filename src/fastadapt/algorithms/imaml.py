@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import Params, add_gradients, forward, loss_with_grads
+from ..functional import Params, adam, adapt, add_gradients, forward, loss_with_grads, sgd
 from ..functional.task_batched import check_task_workers, per_task_losses, stacked_params, task_batched_forward
 from ..runtime import map_in_threads
 from .base import AdaptedModel, Learner
@@ -109,8 +109,9 @@ def proximal_adapt(
 ) -> tuple[Params, Tensor]:
     """Approximately minimises `loss_fn(model(x; phi), y) + lam/2 ||phi - theta||^2` from phi = theta.
 
-    `steps` steps of `torch.optim.SGD` or `torch.optim.Adam` on a detached copy of `theta` (no
-    graph survives a step, so memory does not grow with `steps`; works under `torch.no_grad()`).
+    `steps` steps of SGD or Adam (`functional.optim`, as `torch.optim`'s) from `theta` through the
+    engine's one inner loop, with no graph between steps (memory does not grow with `steps`; works
+    under `torch.no_grad()`).
     `proximal="pull_back"` (the authors' code): the steps see the support loss alone, then one SGD
     step on the proximal term, phi <- phi - lr * lam * (phi - theta), pulls phi back toward theta.
     `frozen` parameters take part in the forward pass but do not adapt. Returns the adapted
@@ -131,31 +132,27 @@ def proximal_adapt(
 
 def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, steps: int, lr: float, lam: float,
                       optimizer: IMAMLInnerOptimizer, proximal: ProximalMode) -> tuple[Params, Tensor]:
-    """The inner loop of `proximal_adapt` for any loss: `losses_at(phi)` is one loss, or one per
-    task `(T,)` for tasks stacked on the parameters' leading dimension (their sum is minimised: the
-    tasks are independent, and SGD and Adam act element-wise, so each task steps as it would alone)."""
-    phi = {name: t.detach().clone().requires_grad_(True) for name, t in theta.items()}
-    leaves = list(phi.values())
-    opt: torch.optim.Optimizer = (torch.optim.Adam(leaves, lr=lr) if optimizer == "adam"
-                                  else torch.optim.SGD(leaves, lr=lr))
-    first_loss = None
-    every_step = lam if proximal == "every_step" else 0.0
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = losses_at(phi)
-            grads = torch.autograd.grad(loss.sum(), leaves, materialize_grads=True)
-            if first_loss is None:
-                first_loss = loss.detach()
-            with torch.no_grad():
-                for name, g in zip(phi, grads):
-                    phi[name].grad = g + every_step * (phi[name] - theta[name].detach())
-            opt.step()
+    """The inner loop of `proximal_adapt` for any loss, through the engine's one loop
+    (`functional.adapt`, no graph between steps): `losses_at(phi)` is one loss, or one per task `(T,)`
+    for tasks stacked on the parameters' leading dimension (their sum is minimised: the tasks are
+    independent, and SGD and Adam act element-wise, so each task steps as it would alone)."""
+    anchor = {name: t.detach() for name, t in theta.items()}
+
+    def proximal_term(phi: Params, per_task: bool) -> Tensor:
+        """lam/2 ||phi - theta||^2 (per task for stacked tasks); its gradient is exactly lam (phi - theta)."""
+        squares = [(phi[n] - anchor[n]) ** 2 for n in phi]
+        return lam / 2 * sum(s.flatten(1).sum(1) if per_task else s.sum() for s in squares)
+
+    def inner_loss(phi: Params, step: int) -> Tensor:
+        support = losses_at(phi)
+        return support + proximal_term(phi, support.dim() == 1) if proximal == "every_step" else support
+
+    trajectory = adapt(inner_loss, anchor, optimizer=adam(lr) if optimizer == "adam" else sgd(lr), steps=steps,
+                       keep_graph=False)
+    phi = trajectory.points[-1]
     if proximal == "pull_back":
-        with torch.no_grad():
-            for name, t in phi.items():
-                t.sub_(lr * lam * (t - theta[name].detach()))
-    assert first_loss is not None
-    return {name: t.detach() for name, t in phi.items()}, first_loss
+        phi = adapt(lambda p, step: proximal_term(p, False), phi, optimizer=sgd(lr), steps=1, keep_graph=False).points[-1]
+    return phi, trajectory.losses[0]
 
 
 class IMAML(Learner):

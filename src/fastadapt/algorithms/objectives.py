@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,8 +19,9 @@ def task_loss(kind: TaskKind, output: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(output, target)
 
 
-def task_metrics(kind: TaskKind, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """Detached per-task metrics: `loss`, plus `accuracy` for classification.
+def task_metrics(kind: TaskKind, output: Tensor, target: Tensor,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """Detached per-task metrics: `loss` (`loss_fn`, default the task's), plus `accuracy` for classification.
 
     Example:
         >>> import torch
@@ -28,7 +29,7 @@ def task_metrics(kind: TaskKind, output: Tensor, target: Tensor) -> dict[str, Te
         tensor(1.)
     """
     output = output.detach()
-    metrics = {"loss": task_loss(kind, output, target)}
+    metrics = {"loss": task_loss(kind, output, target) if loss_fn is None else loss_fn(output, target).detach()}
     if kind == "classification":
         metrics["accuracy"] = (output.argmax(-1) == target).float().mean()
     return metrics

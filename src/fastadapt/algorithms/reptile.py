@@ -35,15 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
-from ..functional import (AdamState, GradientTransformation, LossFn, Params, adam, apply_updates, forward,
-                          loss_with_grads, momentum, sgd)
+from ..functional import AdamState, GradientTransformation, LossFn, Params, adam, adapt, loss_with_grads, momentum, sgd
 from ..functional.optim import find_state, per_task, replace_state
-from ..functional.task_batched import BatchedForward, per_task_losses, stacked_params, task_batched_forward
+from ..functional.task_batched import BatchedForward, looped_forward, per_task_losses, stacked_params, task_batched_forward
 from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
-__all__ = ["CarriedAdamState", "Reptile", "fine_tune_tasks", "looped_forward", "minibatch_order",
-           "reptile_optimizer"]
+__all__ = ["CarriedAdamState", "Reptile", "fine_tune_tasks", "minibatch_order", "reptile_optimizer"]
 
 InnerOptimizerName = Literal["sgd", "momentum", "adam"]
 InnerStateMode = Literal["fresh", "persistent"]
@@ -70,19 +68,6 @@ def minibatch_order(n: int, batch_size: int | None, steps: int, generator: torch
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
-def looped_forward(model: nn.Module) -> BatchedForward:
-    """A `task_batched_forward` for any module: `run(params (T, ...), x (T, N, ...))`, one call per task.
-
-    Example:
-        >>> model = torch.nn.Linear(2, 1)
-        >>> stacked = {n: p.detach().expand(3, *p.shape) for n, p in model.named_parameters()}
-        >>> looped_forward(model)(stacked, torch.zeros(3, 4, 2)).shape
-        torch.Size([3, 4, 1])
-    """
-    return lambda params, x: torch.stack([forward(model, {n: p[t] for n, p in params.items()}, x[t])
-                                          for t in range(x.shape[0])])
-
-
 def fine_tune_tasks(
     run: BatchedForward,
     params: Params,
@@ -99,8 +84,9 @@ def fine_tune_tasks(
     """First-order fine-tuning of T tasks at once: `steps` optimizer steps on mini-batches of
     `x (T, N, ...)`, `y (T, N, ...)`, from `params` for every task, no graph kept.
 
-    `run` computes all tasks (`functional.task_batched_forward`: one grouped graph; or
-    `looped_forward`: one call per task); `optimizer` is a `functional.optim` optimizer, applied to
+    The engine's one inner loop (`functional.adapt`) without a graph between steps. `run` computes
+    all tasks (`functional.task_batched_forward`: one grouped graph; or `looped_forward`: one call
+    per task); `optimizer` is a `functional.optim` optimizer, applied to
     each task on its own (`optim.per_task`), starting from `state` (stacked per task, e.g.
     `CarriedAdamState.start`; None: `optimizer.init`, Adam's moments at zero). Task t's
     mini-batches come from `generators[t]` (None: torch's global generator), drawn in task order,
@@ -127,20 +113,15 @@ def fine_tune_tasks(
     orders = orders.to(x.device)
     rows = torch.arange(tasks, device=x.device)[:, None]
     per_task_loss = per_task_losses(loss_fn)
-    point = {name: p.detach() for name, p in stacked_params(params, tasks).items()}
-    each_task = per_task(optimizer)
-    state = each_task.init(point) if state is None else state
-    first_losses: Tensor | None = None
-    for index in orders:
-        with torch.enable_grad():  # also under an outer no_grad (evaluation)
-            leaves = {name: p.detach().requires_grad_() for name, p in point.items()}
-            losses = per_task_loss(run(leaves, x[rows, index]), y[rows, index])
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), materialize_grads=True)
-        first_losses = losses.detach() if first_losses is None else first_losses
-        updates, state = each_task.update(dict(zip(leaves, grads)), state, point)
-        point = apply_updates(point, updates)
-    assert first_losses is not None
-    return point, first_losses, state
+
+    def minibatch_loss(point: Params, step: int) -> Tensor:
+        index = orders[step]
+        return per_task_loss(run(point, x[rows, index]), y[rows, index])
+
+    start = {name: p.detach() for name, p in stacked_params(params, tasks).items()}
+    trajectory = adapt(minibatch_loss, start, optimizer=per_task(optimizer), steps=steps, keep_graph=False,
+                       first_order=True, state=state)
+    return trajectory.points[-1], trajectory.losses[0], trajectory.state
 
 
 def reptile_optimizer(name: InnerOptimizerName, lr: float,

@@ -1,23 +1,37 @@
-"""The functional inner loop: parameters as dicts, `functional_call` and `torch.func.grad`.
+"""The one inner loop: `adapt` takes optimizer steps on a support loss and returns the trajectory.
 
-The user's module is only ever *called* with parameter dicts; nothing is written into it.
+Every learner and execution path adapts through it: MAML and its family (task by task, in task
+groups, under vmap, checkpointed), MAML++, iMAML's inner solve, Reptile's fine-tuning, Baseline's
+head fit and evaluation. What differs between them is the support loss it is given (which
+forward, which inputs at which step, which extra terms), the optimizer (a gradient transformation,
+`functional.optim`) and two switches: `first_order` (inner gradients as constants) and
+`keep_graph` (False: no graph from one step to the next). `inner_step` is the step itself, also
+behind `GradientLearner.clone().adapt(loss)`.
+
+Parameters are dicts; the user's module is only ever *called* with them (`forward`), nothing is
+written into it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from .fused_block import fused_forward
-from .optim import GradientTransformation, apply_updates, sgd
+from .norm_relu_pool import under_vmap
+from .optim import GradientTransformation, apply_updates
 
-__all__ = ["Params", "LossFn", "StepHooks", "forward", "inner_adapt", "inner_trajectory", "resolve_inner"]
+__all__ = ["Params", "LossFn", "SupportLoss", "StepHooks", "Trajectory", "forward", "adapt", "inner_step",
+           "model_support_loss", "check_step_params"]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# the support loss at inner step `s` of the adapted entries: a scalar, or one per task `(T,)`
+SupportLoss = Callable[[Params, int], Tensor]
 
 
 class StepHooks(Protocol):
@@ -50,122 +64,109 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
     return functional_call(model, dict(params), (x,), strict=False)
 
 
-def resolve_inner(step_sizes: Mapping[str, Tensor | float] | None, optimizer: GradientTransformation | None,
-                  names: Sequence[str] | None) -> tuple[list[str], GradientTransformation]:
-    """The adapted parameter names and the optimizer, from `step_sizes` (plain SGD, its keys the
-    names) or from `optimizer` with `names`; exactly one of the two forms.
+class Trajectory(NamedTuple):
+    """The points θ_0 (the start) .. θ_steps of the adapted entries, the support loss at θ_0 ..
+    θ_(steps-1) (detached), and the optimizer's final state."""
+
+    points: list[Params]
+    losses: list[Tensor]
+    state: Any
+
+
+def adapt(support_loss: SupportLoss, params: Params, *, optimizer: GradientTransformation, steps: int,
+          first_order: bool = False, keep_graph: bool = True, state: Any = None, first_step: int = 0) -> Trajectory:
+    """`steps` steps of `optimizer` on `support_loss(point, step)` from `params` (the adapted entries).
+
+    The loss may be one scalar or one per task `(T,)` for tasks stacked on the parameters' leading
+    dimension (their sum is differentiated: each task gets its own gradient). With `keep_graph`
+    the points are differentiable functions of `params` (and of learned rates), through every step
+    (second order) or, with `first_order`, with the inner gradients as constants; without it no
+    graph survives a step (Reptile, iMAML's solve, evaluation, checkpointing). `state` (None:
+    `optimizer.init`) is where the optimizer starts, `first_step` the index the first step has (a
+    loop resumed at step k, as checkpointing rebuilds it). Works under `torch.no_grad()` (the inner
+    gradients are still taken) and under `torch.func.vmap` (there with `torch.func.grad`).
 
     Example:
-        >>> resolve_inner({"w": 0.1}, None, None)[0]
-        ['w']
+        >>> from fastadapt.functional.optim import sgd
+        >>> w = torch.tensor([1.0], requires_grad=True)
+        >>> traj = adapt(lambda p, step: (p["w"] ** 2).sum(), {"w": w}, optimizer=sgd(0.25), steps=2)
+        >>> traj.points[-1]["w"], len(traj.losses)
+        (tensor([0.2500], grad_fn=<AddBackward0>), 2)
     """
-    if (step_sizes is None) == (optimizer is None):
-        raise ValueError("give either step_sizes (plain SGD) or optimizer with names, not both or neither")
-    if optimizer is not None:
-        if names is None:
-            raise ValueError("an inner optimizer needs names: the parameters it adapts")
-        return list(names), optimizer
-    if names is not None:
-        raise ValueError("names go with optimizer; step_sizes already names the adapted parameters")
-    return list(step_sizes), sgd(dict(step_sizes))  # type: ignore[arg-type]
+    state = optimizer.init(params) if state is None else state
+    keep_graph = keep_graph and torch.is_grad_enabled()  # (evaluation: no outer graph to keep)
+    points, losses = [params], []
+    point = params
+    for step in range(first_step, first_step + steps):
+        if under_vmap():
+            at = {n: p.detach() for n, p in point.items()} if first_order else point
+            grads, loss = grad_and_value(lambda p: support_loss(p, step).sum())(at)
+            if first_order:  # constants also where they depend on the frozen entries
+                grads = {n: g.detach() for n, g in grads.items()}
+        else:
+            with torch.enable_grad():
+                point = {n: p if keep_graph and p.requires_grad else p.detach().requires_grad_() for n, p in point.items()}
+                loss = support_loss(point, step)
+                grads = dict(zip(point, torch.autograd.grad(loss.sum(), list(point.values()), allow_unused=True,
+                                                            create_graph=keep_graph and not first_order,
+                                                            materialize_grads=True)))
+        point, state = inner_step(point, grads, state, optimizer, keep_graph=keep_graph)
+        losses.append(loss.detach())
+        points.append(point)
+    return Trajectory(points, losses, state)
 
 
-def inner_adapt(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: LossFn,
-    steps: int,
-    step_sizes: Mapping[str, Tensor | float] | None = None,
-    first_order: bool = False,
-    optimizer: GradientTransformation | None = None,
-    names: Sequence[str] | None = None,
-    hooks: StepHooks | None = None,
-) -> tuple[Params, Tensor | None]:
-    """`steps` optimizer steps on the support loss; plain SGD at `step_sizes` by default.
-
-    The parameters named in `step_sizes` (or `names`, with an `optimizer` from
-    `functional.optim`) adapt. Returns the adapted parameter dict (untouched entries are the
-    inputs themselves) and the support loss at the start. With `first_order`, the inner
-    gradients are treated as constants (FOMAML); otherwise the result is differentiable through
-    every step (second-order MAML). Works under `torch.no_grad()` too (evaluation): the inner
-    gradients are still computed.
+def inner_step(point: Params, grads: Params, state: Any, optimizer: GradientTransformation, *,
+               keep_graph: bool = True) -> tuple[Params, Any]:
+    """One step of `optimizer` from `point` with `grads`: the new point and state. With
+    `keep_graph`, differentiable (through the update, the point and the gradients' own graph).
 
     Example:
-        >>> import torch
+        >>> from fastadapt.functional.optim import sgd
+        >>> opt = sgd(0.5)
+        >>> inner_step({"w": torch.ones(1)}, {"w": torch.ones(1)}, opt.init({}), opt)[0]
+        {'w': tensor([0.5000])}
+    """
+    with contextlib.nullcontext() if keep_graph else torch.no_grad():
+        base = point if keep_graph else {n: p.detach() for n, p in point.items()}
+        updates, state = optimizer.update(grads, state, base)
+        return apply_updates(base, updates), state
+
+
+def model_support_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn, frozen: Mapping[str, Tensor] = {},
+                       hooks: StepHooks | None = None) -> SupportLoss:
+    """The support loss of one task for `adapt`: `loss_fn(model(x; θ), y)` with the adapted entries,
+    the `frozen` ones, and at step `s` the step hooks' parameters and context (MAML++).
+
+    Example:
+        >>> from fastadapt.functional.optim import sgd
         >>> m = torch.nn.Linear(1, 1)
         >>> p = {k: v.detach() for k, v in m.named_parameters()}
-        >>> new, _ = inner_adapt(m, p, torch.ones(4, 1), torch.zeros(4, 1), loss_fn=torch.nn.functional.mse_loss,
-        ...                      steps=1, step_sizes={"weight": 0.1, "bias": 0.1})
-        >>> sorted(new)
+        >>> loss = model_support_loss(m, torch.ones(4, 1), torch.zeros(4, 1), loss_fn=torch.nn.functional.mse_loss)
+        >>> sorted(adapt(loss, p, optimizer=sgd(0.1), steps=1).points[-1])
         ['bias', 'weight']
     """
-    points, first_loss = inner_trajectory(model, params, x, y, loss_fn=loss_fn, steps=steps, step_sizes=step_sizes,
-                                          first_order=first_order, optimizer=optimizer, names=names, hooks=hooks)
-    return points[-1], first_loss
+    def support_loss(adapted: Params, step: int) -> Tensor:
+        if hooks is None:
+            return loss_fn(forward(model, {**frozen, **adapted}, x), y)
+        with hooks.context(step):
+            return loss_fn(forward(model, {**frozen, **hooks.params(step), **adapted}, x), y)
+
+    return support_loss
 
 
-def inner_trajectory(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: LossFn,
-    steps: int,
-    step_sizes: Mapping[str, Tensor | float] | None = None,
-    first_order: bool = False,
-    optimizer: GradientTransformation | None = None,
-    names: Sequence[str] | None = None,
-    hooks: StepHooks | None = None,
-) -> tuple[list[Params], Tensor | None]:
-    """`inner_adapt`, returning every point of the loop: parameter dicts θ_0 (the input) .. θ_steps.
+def check_step_params(hooks: StepHooks, adapted: Sequence[str]) -> None:
+    """Refuses step hooks that would replace parameters the inner loop adapts (meaningless: the
+    replaced value would never be the adapted one).
 
     Example:
-        >>> import torch
-        >>> m = torch.nn.Linear(1, 1)
-        >>> p = {k: v.detach() for k, v in m.named_parameters()}
-        >>> points, _ = inner_trajectory(m, p, torch.ones(4, 1), torch.zeros(4, 1),
-        ...                              loss_fn=torch.nn.functional.mse_loss, steps=2, step_sizes={"bias": 0.1})
-        >>> len(points), points[0]["bias"] is p["bias"]
-        (3, True)
+        >>> class Hooks:
+        ...     def params(self, step): return {"w": torch.zeros(1)}
+        >>> check_step_params(Hooks(), ["w"])
+        Traceback (most recent call last):
+        ...
+        ValueError: step hooks replace parameter(s) ['w'], which the inner loop adapts
     """
-    names, optimizer = resolve_inner(step_sizes, optimizer, names)
-    adapted = {name: params[name] for name in names}
-    frozen = {name: p for name, p in params.items() if name not in adapted}
-    # Buffers go in as explicit inputs: a BatchNorm that tracks running statistics updates them in
-    # place (train mode, as in ordinary PyTorch training), which torch.func.grad only allows for inputs.
-    buffers = dict(model.named_buffers())
-    state = optimizer.init(adapted)
-
-    points = [dict(params)]
-    first_loss = None
-    for step in range(steps):
-        fixed = {**frozen, **_step_params(hooks, step, adapted)}
-        if first_order:
-            fixed = {name: p.detach() for name, p in fixed.items()}
-
-        def support_loss(trainable: Params, buffers: Params, fixed: Params = fixed) -> Tensor:
-            return loss_fn(forward(model, {**fixed, **buffers, **trainable}, x), y)
-
-        point = {name: p.detach() for name, p in adapted.items()} if first_order else adapted
-        with hooks.context(step) if hooks is not None else contextlib.nullcontext():
-            grads, loss = grad_and_value(support_loss)(point, buffers)
-        if first_loss is None:
-            first_loss = loss
-        updates, state = optimizer.update(grads, state, adapted)
-        adapted = apply_updates(adapted, updates)
-        points.append({**frozen, **adapted})
-    return points, first_loss
-
-
-def _step_params(hooks: StepHooks | None, step: int, adapted: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    if hooks is None:
-        return {}
-    extra = hooks.params(step)
-    clash = sorted(set(extra) & set(adapted))
+    clash = sorted(set(hooks.params(0)) & set(adapted))
     if clash:
         raise ValueError(f"step hooks replace parameter(s) {clash}, which the inner loop adapts")
-    return extra

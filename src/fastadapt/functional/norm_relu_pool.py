@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["norm_relu_pool", "is_norm_relu_pool", "narrow_indices", "unpool"]
+__all__ = ["norm_relu_pool", "is_norm_relu_pool", "narrow_indices", "unpool", "under_vmap"]
 
 
 def norm_relu_pool(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
@@ -39,7 +39,7 @@ def norm_relu_pool(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) ->
         >>> torch.equal(norm_relu_pool(x, g, b), ref)
         True
     """
-    if _under_vmap():  # memory layouts cannot be queried there; PyTorch's layers have batching rules
+    if under_vmap():  # memory layouts cannot be queried there; PyTorch's layers have batching rules
         return F.max_pool2d(F.relu(F.batch_norm(x, None, None, gamma, beta, True, 0.0, eps)), 2)
     return F.relu(_NormPool.apply(x, gamma, beta, eps)[0])
 
@@ -187,7 +187,7 @@ class _Unpool(torch.autograd.Function):
                 channels_last: bool) -> Tensor:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         full = torch.empty(*grad.shape[:2], *size, dtype=grad.dtype, device=grad.device, memory_format=layout)
-        if _under_vmap():  # no out= arguments there: in one piece
+        if under_vmap():  # no out= arguments there: in one piece
             return torch.ops.aten.max_pool2d_with_indices_backward(grad, full, [2, 2], [2, 2], [0, 0], [1, 1], False,
                                                                    indices.long())
         # A few images at a time, so the 64-bit copy of the indices the kernel needs stays small.
@@ -209,7 +209,7 @@ class _Unpool(torch.autograd.Function):
         return grad.flatten(2).gather(2, positions).view(indices.shape), None, None, None
 
 
-def _under_vmap() -> bool:
+def under_vmap() -> bool:
     """Whether a `torch.func.vmap` is running (its batched tensors cannot be asked for memory layouts)."""
     stack = torch._C._functorch.get_interpreter_stack() or []
     return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)

@@ -74,9 +74,10 @@ class ScaleByLrState(NamedTuple):
 
 
 class TraceState(NamedTuple):
-    """`trace`'s velocity per tensor."""
+    """`trace`'s velocity per tensor, and its step count (dampening spares the first step)."""
 
     velocity: Params
+    count: int = 0
 
 
 class AdamState(NamedTuple):
@@ -149,10 +150,11 @@ def scale_by_lr(lr: LearningRate) -> GradientTransformation:
     return GradientTransformation(init, update, elementwise=True)
 
 
-def trace(beta: float = 0.9, nesterov: bool = False) -> GradientTransformation:
-    """Heavy-ball momentum as `torch.optim.SGD(momentum=beta, nesterov=nesterov)` (no dampening).
+def trace(beta: float = 0.9, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
+    """Heavy-ball momentum as `torch.optim.SGD(momentum=beta, nesterov=nesterov, dampening=dampening)`.
 
-    `v <- beta * v + g`, then `v` (or `g + beta * v` with Nesterov).
+    `v <- beta * v + (1 - dampening) * g` (the first step: `v <- g`), then `v` (or `g + beta * v`
+    with Nesterov).
 
     Example:
         >>> opt = trace(0.5)
@@ -163,16 +165,22 @@ def trace(beta: float = 0.9, nesterov: bool = False) -> GradientTransformation:
         tensor([1.5000])
     """
     _check_unit_interval("beta", beta)
-    if nesterov and beta == 0:
-        raise ValueError("nesterov momentum needs beta > 0, got beta=0")
+    _check_unit_interval("dampening", dampening)
+    if nesterov and (beta == 0 or dampening != 0):
+        raise ValueError(f"nesterov momentum needs beta > 0 and no dampening, got beta={beta}, dampening={dampening}")
 
     def init(params: Params) -> TraceState:
         return TraceState({n: torch.zeros_like(p) for n, p in params.items()})
 
     def update(grads: Params, state: TraceState, params: Params | None = None) -> tuple[Params, TraceState]:
-        velocity = {n: beta * state.velocity[n] + g for n, g in grads.items()}
+        if dampening and state.count == 0:
+            velocity = dict(grads)
+        elif dampening:
+            velocity = {n: beta * state.velocity[n] + (1 - dampening) * g for n, g in grads.items()}
+        else:
+            velocity = {n: beta * state.velocity[n] + g for n, g in grads.items()}
         updates = {n: g + beta * velocity[n] for n, g in grads.items()} if nesterov else velocity
-        return updates, TraceState(velocity)
+        return updates, TraceState(velocity, state.count + 1)
 
     return GradientTransformation(init, update, elementwise=True)
 
@@ -386,7 +394,7 @@ def make_inner_optimizer(name: str, lr: LearningRate) -> GradientTransformation:
 
     Example:
         >>> make_inner_optimizer("momentum", 0.1).init({"w": torch.zeros(2)})
-        (TraceState(velocity={'w': tensor([0., 0.])}), ScaleByLrState(count=0))
+        (TraceState(velocity={'w': tensor([0., 0.])}, count=0), ScaleByLrState(count=0))
     """
     if name not in INNER_OPTIMIZERS:
         raise ValueError(f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)}; got {name!r}")

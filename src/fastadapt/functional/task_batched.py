@@ -16,7 +16,7 @@ class: a `fastadapt.nn.Conv4` or a user's `nn.Sequential` of the same layers.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +24,12 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..data.episodes import TaskBatch
-from ..runtime import map_in_threads
 from .fused_block import fused_forward, reorders_on, tasks_conv_bn_pool
-from .structure import Chain, layer_chain
-from .inner_loop import LossFn, Params, resolve_inner
+from .inner_loop import LossFn, Params, forward
 from .norm_relu_pool import is_norm_relu_pool, norm_relu_pool
-from .optim import GradientTransformation, apply_updates, per_task
-from .split import QueryPass, check_step_weights, mixed_precision
-from .taskwise import add_gradients, place_gradients
+from .structure import Chain, layer_chain
 
-__all__ = ["task_batched_forward", "batched_meta_gradients", "per_task_losses", "stacked_params",
+__all__ = ["BatchedForward", "task_batched_forward", "looped_forward", "per_task_losses", "stacked_params",
            "check_task_workers", "thread_safe_forward", "task_workers_for"]
 
 BatchedForward = Callable[[Params, Tensor], Tensor]
@@ -156,6 +152,20 @@ def check_task_workers(task_workers: int, model: nn.Module) -> int:
     return task_workers
 
 
+def looped_forward(model: nn.Module) -> BatchedForward:
+    """A `BatchedForward` for any module: `run(params (T, ...), x (T, N, ...))`, one call of the
+    model's own forward per task (the exact reference for every model).
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> stacked = {n: p.detach().expand(3, *p.shape) for n, p in model.named_parameters()}
+        >>> looped_forward(model)(stacked, torch.zeros(3, 4, 2)).shape
+        torch.Size([3, 4, 1])
+    """
+    return lambda params, x: torch.stack([forward(model, {n: p[t] for n, p in params.items()}, x[t])
+                                          for t in range(x.shape[0])])
+
+
 def stacked_params(params: Params, tasks: int) -> Params:
     """Every tensor repeated for `tasks` tasks on a new leading dimension (views, no copies).
 
@@ -182,183 +192,19 @@ def _batchable(chain: Chain) -> bool:
     return True
 
 
-def batched_meta_gradients(
-    run: BatchedForward,
-    params: Params,
-    batch: TaskBatch,
-    *,
-    loss_fn: LossFn,
-    steps: int,
-    step_sizes: Mapping[str, Tensor | float] | None = None,
-    first_order: bool,
-    query_pass: QueryPass,
-    wrt: Sequence[Tensor],
-    autocast_dtype: torch.dtype | None = None,
-    group: int = 4,
-    checkpoint: bool = False,
-    optimizer: GradientTransformation | None = None,
-    names: Sequence[str] | None = None,
-    step_params: Callable[[int], Params] | None = None,
-    step_weights: Sequence[float] | None = None,
-    workers: int = 1,
-) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
-    """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task outputs, query and support losses.
-
-    Tasks go in groups of `group`: the support phase of a group in one graph (`run`), its query
-    passes task by task (first-order gradients, see `functional.split`), then one backward
-    through the group's support graph. Memory grows with `group` (one group's support graph is
-    alive at a time); speed saturates around 4 (measured, docs/performance.md). With
-    `checkpoint` (second order), a group keeps only each inner step's parameter values and
-    rebuilds one step's graph at a time during the backward: memory does not grow with `steps`.
-
-    The inner loop is plain SGD at `step_sizes`, or `optimizer` over `names` (`functional.optim`;
-    it updates each task's slice of the stacked `(T, ...)` weights on its own, `optim.per_task`).
-    MAML++'s options: `step_params(s)` gives parameters that replace the model's own in the
-    forwards at θ_s (per-step BatchNorm weights), and `step_weights` (w_1 .. w_steps) makes the
-    query loss the multi-step loss `sum_i w_i L_q(θ_i)`, as in `functional.split`. The
-    checkpointed form supports plain SGD only, without either.
-
-    With `workers` > 1, that many groups run at once in Python threads with one intra-op thread
-    each (`runtime.map_in_threads`); the sum over groups keeps their order, so the result is the
-    same. Memory: that many groups' graphs are alive at once.
-    """
-    names, optimizer = resolve_inner(step_sizes, optimizer, names)
-    if checkpoint and not first_order:
-        given = [what for what, on in (("an inner optimizer", step_sizes is None),
-                                       ("per-step parameters", step_params is not None),
-                                       ("a multi-step loss", step_weights is not None)) if on]
-        if given:
-            raise ValueError(f"the checkpointed inner loop supports plain SGD at step_sizes only; got {', '.join(given)}")
-    if step_params is not None:
-        clash = sorted(set(step_params(0)) & set(names))
-        if clash:
-            raise ValueError(f"step_params replace parameter(s) {clash}, which the inner loop adapts")
-    weights = check_step_weights(step_weights, steps)
-    checkpointed = checkpoint and not first_order
-
-    def one_group(part: TaskBatch):
-        if checkpointed:
-            return _group_checkpointed(run, params, part, loss_fn, steps, step_sizes, names, first_order, query_pass,
-                                       wrt, autocast_dtype, len(batch))
-        return _group_meta_gradients(run, params, part, loss_fn, steps, optimizer, names, first_order, query_pass,
-                                     wrt, autocast_dtype, len(batch), step_params, weights)
-
-    totals: list[Tensor | None] | None = None
-    outputs: list[Tensor] = []
-    query_losses, support_losses = [], []
-    for grads, part_outputs, part_query, part_support in map_in_threads(one_group, batch.split(group), workers):
-        totals = add_gradients(totals, grads)
-        outputs += part_outputs
-        query_losses.append(part_query)
-        support_losses.append(part_support)
-    return totals or [], outputs, torch.cat(query_losses), torch.cat(support_losses)
-
-
-def _group_meta_gradients(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
-                          optimizer: GradientTransformation, names: list[str], first_order: bool, query_pass: QueryPass,
-                          wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int,
-                          step_params: Callable[[int], Params] | None, weights: list[float]):
-    tasks = len(batch)
-
-    def at_step(point: Params, step: int) -> Params:
-        return point if step_params is None else {**point, **stacked_params(step_params(step), tasks)}
-
-    adapted = stacked_params(params, tasks)
-    points = [adapted]
-    per_task_loss = per_task_losses(loss_fn)
-    each_task = per_task(optimizer)
-    state = each_task.init({n: adapted[n] for n in names})
-    support_losses = None
-    with torch.enable_grad():
-        for step in range(steps):
-            with mixed_precision(autocast_dtype):
-                losses = per_task_loss(run(at_step(adapted, step), batch.support_x), batch.support_y)
-            support_losses = losses.detach() if support_losses is None else support_losses
-            grads = torch.autograd.grad(losses.sum(), [adapted[n] for n in names], create_graph=not first_order,
-                                        allow_unused=True, materialize_grads=True)
-            current = {n: adapted[n] for n in names}
-            updates, state = each_task.update({n: g.detach() if first_order else g for n, g in zip(names, grads)},
-                                              state, current)
-            adapted = {**adapted, **apply_updates(current, updates)}
-            points.append(adapted)
-        # one first-order query pass per weighted point, then one backward through the support graph
-        targets, grad_outputs, query_losses = [], [], None
-        for step, weight in enumerate(weights, start=1):
-            if weight == 0 and step < steps:
-                continue
-            at = at_step(points[step], step)
-            outputs, losses, query_grads = _query_passes(query_pass, at, batch)
-            query_losses = weight * losses if query_losses is None else query_losses + weight * losses
-            differentiable = [n for n, p in at.items() if p.requires_grad]
-            targets += [at[n] for n in differentiable]
-            grad_outputs += [query_grads[n] * (weight / total_tasks) for n in differentiable]
-        meta_grads = torch.autograd.grad(targets, list(wrt), grad_outputs, allow_unused=True)
-    return list(meta_grads), outputs, query_losses, support_losses
-
-
-def _query_passes(query_pass: QueryPass, adapted: Params, batch: TaskBatch) -> tuple[list[Tensor], Tensor, Params]:
-    """Per-task query passes; returns outputs, losses `(T,)` and gradients stacked `(T, *p.shape)`."""
-    outputs, losses, grads = [], [], []
-    for t in range(len(batch)):
-        output, loss, g = query_pass({n: p[t] for n, p in adapted.items()}, batch.query_x[t], batch.query_y[t])
-        outputs.append(output)
-        losses.append(loss)
-        grads.append(g)
-    return outputs, torch.stack(losses), {n: torch.stack([g[n] for g in grads]) for n in grads[0]}
-
-
-def _group_checkpointed(run: BatchedForward, params: Params, batch: TaskBatch, loss_fn: LossFn, steps: int,
-                        step_sizes: Mapping[str, Tensor | float], names: list[str], first_order: bool, query_pass: QueryPass,
-                        wrt: Sequence[Tensor], autocast_dtype: torch.dtype | None, total_tasks: int):
-    tasks = len(batch)
-    per_task_loss = per_task_losses(loss_fn)
-    real = stacked_params(params, tasks)
-    frozen = {n: p for n, p in real.items() if n not in step_sizes}
-
-    def inner_step(point: Params, create_graph: bool) -> tuple[Params, Tensor]:
-        with mixed_precision(autocast_dtype):
-            losses = per_task_loss(run({**frozen, **point} if create_graph else
-                                       {**{n: p.detach() for n, p in frozen.items()}, **point}, batch.support_x),
-                                   batch.support_y)
-        grads = torch.autograd.grad(losses.sum(), [point[n] for n in names], create_graph=create_graph,
-                                    allow_unused=True, materialize_grads=True)
-        sizes = step_sizes if create_graph else {n: _detached(step_sizes[n]) for n in names}
-        return {n: point[n] - sizes[n] * g for n, g in zip(names, grads)}, losses.detach()
-
-    with torch.enable_grad():
-        trajectory = [{n: real[n].detach() for n in names}]
-        support_losses = None
-        for _ in range(steps):
-            nxt, losses = inner_step({n: p.requires_grad_() for n, p in
-                                      ((n, t.clone()) for n, t in trajectory[-1].items())}, False)
-            trajectory.append({n: p.detach() for n, p in nxt.items()})
-            support_losses = losses if support_losses is None else support_losses
-        outputs, query_losses, query_grads = _query_passes(query_pass, {**frozen, **trajectory[-1]}, batch)
-        # the query loss's direct dependence on parameters that do not adapt
-        totals = place_gradients({n: query_grads[n].sum(0) / total_tasks for n in frozen}, params, wrt)
-        v = [query_grads[n] / total_tasks for n in names]
-        for point in reversed(trajectory[:-1]):
-            leaves = {n: point[n].clone().requires_grad_() for n in names}
-            nxt, _ = inner_step(leaves, True)
-            result = torch.autograd.grad([nxt[n] for n in names], [*leaves.values(), *wrt], v, allow_unused=True)
-            v = list(result[: len(names)])
-            totals = add_gradients(totals, result[len(names):])
-        # θ_0 of every task is the shared initialisation
-        totals = add_gradients(totals, place_gradients({n: g.sum(0) for n, g in zip(names, v)}, params, wrt))
-    return totals, outputs, query_losses, support_losses
-
-
-def per_task_losses(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+def per_task_losses(loss_fn: LossFn, vmapped: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
     """`loss_fn` over stacked tasks: outputs `(T, N, ...)`, targets `(T, N, ...)` -> losses `(T,)`,
     on outputs in at least float32 (under CPU autocast the vmapped loss would otherwise stay in
-    bf16, unlike the per-task path's).
+    bf16, unlike the per-task path's). `vmapped=False` calls `loss_fn` task by task (a loss of
+    yours need not be vmap-safe).
 
     Example:
         >>> per_task_losses(torch.nn.functional.mse_loss)(torch.ones(3, 4, 1), torch.zeros(3, 4, 1))
         tensor([1., 1., 1.])
     """
-    return vmap(lambda output, target: loss_fn(output.to(torch.promote_types(output.dtype, torch.float32)), target))
+    def one(output: Tensor, target: Tensor) -> Tensor:
+        return loss_fn(output.to(torch.promote_types(output.dtype, torch.float32)), target)
 
-
-def _detached(size: Tensor | float) -> Tensor | float:
-    return size.detach() if isinstance(size, Tensor) else size
+    if vmapped:
+        return vmap(one)
+    return lambda outputs, targets: torch.stack([one(o, t) for o, t in zip(outputs, targets)])

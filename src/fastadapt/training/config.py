@@ -353,12 +353,6 @@ class Config:
         if per_step and self.effective_eval_inner_steps > self.inner_steps:
             raise ConfigError(f"eval_inner_steps={self.eval_inner_steps} exceeds inner_steps={self.inner_steps}, but "
                               f"{', '.join(per_step)} exist only for the {self.inner_steps} training steps")
-        unsupported = [k for k in ("per_step_inner_lr", "multi_step_loss_iterations", *per_step_norm) if options[k]]
-        if self.inner_optimizer != "sgd":
-            unsupported.append(f"inner_optimizer {self.inner_optimizer!r}")
-        if self.checkpoint_inner_loop and unsupported:
-            raise ConfigError(f"checkpoint_inner_loop supports plain SGD with constant rates only, not "
-                              f"{', '.join(unsupported)}; set checkpoint_inner_loop: false")
         if self.compile and self.per_step_bn_statistics:
             raise ConfigError("compile is not supported with per_step_bn_statistics; set one of them to false")
 
