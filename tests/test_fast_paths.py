@@ -197,17 +197,17 @@ def test_task_groups_in_threads_give_the_one_at_a_time_meta_gradient(options):
     assert torch.get_num_threads() == threads  # the caller's thread count is back
 
 
-def test_task_workers_are_checked():
+def test_task_workers_are_checked_and_used_only_where_the_plan_can():
     with pytest.raises(ValueError, match="task_workers must be an integer >= 1, got 0"):
         MAML(Conv4.omniglot(ways=5), task_workers=0)
-    with pytest.raises(ValueError, match="compile=True"):
-        MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True)
-    with pytest.raises(ValueError, match="needs a Conv4-style model with max-pool blocks"):
-        MAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
-    with pytest.raises(ValueError, match="which per_step_bn_statistics does not support"):
-        MAML(Conv4.omniglot(ways=5), task_workers=2, per_step_bn_statistics=True)
-    with pytest.raises(ValueError, match="needs a Conv4-style model with max-pool blocks"):
-        IMAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2)
+    batch = TaskBatch(torch.rand(4, 5, 1, 28, 28), torch.arange(5).repeat(4, 1), torch.rand(4, 5, 1, 28, 28),
+                      torch.arange(5).repeat(4, 1))
+    assert MAML(Conv4.omniglot(ways=5), task_workers=2).plan(batch).workers == 2
+    for learner in (MAML(Conv4.omniglot(ways=5), task_workers=2, compile=True),         # one compiled pass
+                    MAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2),   # not a thread-safe forward
+                    MAML(Conv4.omniglot(ways=5), task_workers=2, per_step_bn_statistics=True)):  # task by task
+        assert learner.plan(batch).workers == 1
+    assert IMAML(Conv4.omniglot(ways=5, pooling="stride"), task_workers=2).task_workers == 2
 
 
 def test_compiled_query_pass_gives_the_eager_meta_gradient():

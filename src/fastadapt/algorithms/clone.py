@@ -24,15 +24,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import Params, forward, inner_step
-
-if TYPE_CHECKING:
-    from .gradient import GradientLearner
+from .base import Learner
 
 __all__ = ["Clone"]
 
@@ -45,7 +42,8 @@ class Clone(nn.Module):
     statistics follow the step count. The learner is not registered as a submodule.
     """
 
-    def __init__(self, learner: GradientLearner, first_order: bool | None = None) -> None:
+    def __init__(self, learner: Learner, first_order: bool | None = None) -> None:
+        """`learner`: a `GradientLearner` (its parameters, adapted names, inner optimizer, hooks)."""
         super().__init__()
         self.__dict__["learner"] = learner
         self.first_order = learner.first_order if first_order is None else first_order

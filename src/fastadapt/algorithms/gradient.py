@@ -43,6 +43,7 @@ from ..data.episodes import TaskBatch
 from ..functional import (Params, QueryPass, adapt, forward, loss_with_grads, mixed_precision,
                           model_support_loss)
 from ..functional.inner_loop import LossFn, StepHooks
+from ..functional.seams import InputHook, Seams
 from ..functional.optim import INNER_OPTIMIZERS, GradientTransformation, LearningRate
 from ..functional.step_norm import PerStepBatchNorm, batch_norm_layers
 from ..functional.planner import EXECUTIONS, Execution, Plan, plan_meta_batch
@@ -75,7 +76,9 @@ class GradientLearner(Learner):
         execution: how the meta-batch runs: "auto", "loop", "per-task", "graph" or "vmap"; see the
             module docstring. Never changes the result beyond rounding.
         compile: compile the query pass of "loop" execution with `torch.compile` (one compilation
-            per input shape, tens of seconds; needs a C++ compiler).
+            per input shape, tens of seconds; needs a C++ compiler). Not with per-step BatchNorm
+            statistics (they intercept the pass's batch_norm calls: it runs eagerly), and one task
+            group at a time (a compiled pass serves one thread).
         precision: "bf16" runs forward and backward under bf16 autocast (CPU, CUDA); weights and
             meta-gradients stay float32.
         checkpoint_inner_loop: keep no graph across inner steps in "loop" execution; rebuild each
@@ -87,9 +90,9 @@ class GradientLearner(Learner):
             intra-op thread each (`runtime.map_in_threads`); the same result. On 2 cores 2 workers
             were 1.2-1.6x faster than one group at a time with 2 intra-op threads (second-order
             MAML, Conv4 Omniglot 5w1s, docs/performance.md), with that many groups' graphs in memory.
-            Needs a model whose forward is a conv chain with a max-pool first block (`fastadapt.nn.Conv4`,
-            or the same layers in an `nn.Sequential`: the forward that is thread-safe); if the model
-            is edited into another shape, its batches run one group at a time.
+            Applies where the forward is thread-safe (a conv chain with a max-pool first block:
+            `fastadapt.nn.Conv4`, or the same layers in an `nn.Sequential`) and the plan runs task
+            groups; otherwise batches run one group at a time (`plan(batch)` says so).
         inner_optimizer: "sgd" (default), "momentum" (0.9) or "adam" (betas 0.9, 0.999), at rate
             `inner_lr` (or the learned rates); or a function `rate -> GradientTransformation`
             (`functional.optim`), e.g. `lambda lr: chain(clip_by_global_norm(1.0), scale_by_lr(lr))`.
@@ -110,6 +113,10 @@ class GradientLearner(Learner):
             (and the `loss` metric); None: cross-entropy for classification, MSE for regression.
             It runs task by task: "auto" execution does not vmap it (ask `execution="vmap"` for a
             vmap-safe one).
+        support_hook, query_hook, inner_term, outer_term, hook_gradients: per-task additions on
+            every execution path (`functional.seams`): inputs transformed given the current
+            parameters (an attack, augmentation, noise), terms added to the inner and the outer
+            loss (a regulariser, a KL divergence). Hooks run in evaluation too.
 
     The outer iteration that the last two count is `iteration`, advanced by each `meta_loss`
     call with gradients enabled and saved in the state dict (so a resumed run continues it).
@@ -146,6 +153,11 @@ class GradientLearner(Learner):
         per_step_bn_statistics: bool = False,
         first_order_iterations: int = 0,
         loss_fn: LossFn | None = None,
+        support_hook: InputHook | None = None,
+        query_hook: InputHook | None = None,
+        inner_term: Callable[[Params, int], Tensor] | None = None,
+        outer_term: Callable[[Params, Params], Tensor] | None = None,
+        hook_gradients: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -170,13 +182,11 @@ class GradientLearner(Learner):
             raise ValueError(f"first_order_iterations={first_order_iterations} anneals from first to second order, "
                              "but the learner is first order throughout (first_order=True)")
         per_step_norm = per_step_bn_weights or per_step_bn_statistics
-        if compile and per_step_bn_statistics:
-            raise ValueError("compile=True is not supported with per_step_bn_statistics (its statistics intercept "
-                             "batch_norm calls in the query pass); set one of them to False")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be a function (outputs, targets) -> scalar loss, got {loss_fn!r}")
         self.model = model
         self.loss_fn = loss_fn
+        self.seams = Seams(support_hook, query_hook, inner_term, outer_term, hook_gradients)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -216,12 +226,11 @@ class GradientLearner(Learner):
                                        or task_group < 1):
             raise ValueError(f"task_group must be an integer >= 1 or None, got {task_group!r}")
         self.task_group = task_group
-        self.task_workers = check_task_workers(task_workers, model)
-        if task_workers > 1 and compile:
-            raise ValueError("task_workers > 1 runs task groups in threads, which compile=True does not support")
-        if task_workers > 1 and per_step_bn_statistics:  # its running statistics are one shared state
-            raise ValueError("task_workers > 1 runs tasks in threads, which per_step_bn_statistics does not support")
-        self._query_pass = QueryPass(model, self._loss_fn, compile=compile, autocast_dtype=_AUTOCAST[precision])
+        self.task_workers = check_task_workers(task_workers)
+        # per-step BatchNorm statistics intercept the query pass's batch_norm calls, which a compiled pass cannot
+        self._query_pass = QueryPass(model, self._loss_fn, compile=compile and not per_step_bn_statistics,
+                                     autocast_dtype=_AUTOCAST[precision])
+        self.compile = compile
 
     # -- the pieces ---------------------------------------------------------------------------
     def meta_params(self) -> Params:
@@ -294,14 +303,22 @@ class GradientLearner(Learner):
                                                                   if weights[k - 1] > 0 or k == steps]
         with self._autocast():
             points, support_loss = self._adapt_task(params, sx, sy, steps, first_order, hooks)
-            outputs = {k: self._forward_at(points[k], k, qx, hooks) for k in chosen}
+            outputs = {k: self._forward_at(points[k], k, self._query_inputs(points[k], k, qx, qy, hooks), hooks)
+                       for k in chosen}
         if self.precision == "bf16":
             outputs = {k: o.float() for k, o in outputs.items()}
         loss = None
         if qy is not None:
             loss = (self._loss_fn(outputs[steps], qy) if weights is None
                     else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
+            loss = loss + self.seams.outer(points[steps], points[0])
         return outputs[steps], loss, support_loss
+
+    def _query_inputs(self, params: Params, step: int, x: Tensor, y: Tensor | None, hooks: StepHooks | None) -> Tensor:
+        """The query inputs through the query hook (which needs the labels) at step `step`'s parameters."""
+        if self.seams.query_hook is None or y is None:
+            return x
+        return self.seams.query_inputs({**params, **(hooks.params(step) if hooks is not None else {})}, x, y)
 
     def _adapt_task(self, params: Params, sx: Tensor, sy: Tensor, steps: int, first_order: bool,
                     hooks: StepHooks | None) -> tuple[list[Params], Tensor]:
@@ -309,7 +326,8 @@ class GradientLearner(Learner):
         the support loss before adapting."""
         adapted = {n: params[n] for n in self.adapt_names}
         frozen = {n: p for n, p in params.items() if n not in adapted}
-        trajectory = adapt(model_support_loss(self.model, sx, sy, loss_fn=self._loss_fn, frozen=frozen, hooks=hooks),
+        trajectory = adapt(model_support_loss(self.model, sx, sy, loss_fn=self._loss_fn, frozen=frozen, hooks=hooks,
+                                              seams=self.seams if self.seams.active else None),
                            adapted, optimizer=self.inner_optimizer_for_task(), steps=steps, first_order=first_order)
         return [{**frozen, **point} for point in trajectory.points], trajectory.losses[0]
 
@@ -356,29 +374,46 @@ class GradientLearner(Learner):
         """
         return Clone(self, first_order)
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def meta_loss(self, batch: TaskBatch, initial: Params | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query loss over the batch after adaptation, and detached metrics (means over tasks).
 
         Metrics: `loss`, `accuracy` (classification), `support_loss` (before adaptation). During
         the multi-step-loss phase the loss is the weighted multi-step loss (metrics: after the last
         step). `loss.backward()` gives the exact meta-gradient. With gradients enabled, advances
         `iteration` (the schedules' clock).
+
+        `initial` (optional): per-task initial parameters, `{name: (T, *p.shape)}` for some or all
+        of the model's parameters, in place of the shared initialisation (samples of a learned
+        distribution, particles); the meta-gradient flows into whatever they were made from.
         """
         first_order, weights = self.uses_first_order(), self.step_weights()
+        initial = self._check_initial(initial, len(batch))
         with fixed_structure(self.model):
-            plan = self.plan(batch)
+            plan = self.plan(batch, per_task_initial=bool(initial))
             if plan.path == "vmap":
-                losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights)
+                losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights, initial)
                 result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
             elif plan.path == "graph":
-                result = self._with_graphs(batch, first_order, weights)
+                result = self._with_graphs(batch, first_order, weights, initial)
             else:
-                result = self._taskwise(plan, batch, first_order, weights)
+                result = self._taskwise(plan, batch, first_order, weights, initial)
         if hasattr(self, "iteration") and torch.is_grad_enabled():
             self.iteration += 1
         return result
 
-    def plan(self, batch: TaskBatch) -> Plan:
+    def _check_initial(self, initial: Params | None, tasks: int) -> Params:
+        if not initial:
+            return {}
+        params = self.meta_params()
+        for name, value in initial.items():
+            if name not in params:
+                raise ValueError(f"initial names {name!r}, not a parameter of the model; it has {sorted(params)}")
+            expected = (tasks, *params[name].shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"initial[{name!r}] must have shape {expected} (one per task), got {tuple(value.shape)}")
+        return dict(initial)
+
+    def plan(self, batch: TaskBatch, per_task_initial: bool = False) -> Plan:
         """How `meta_loss(batch)` runs now, and why (`functional.planner`).
 
         Example:
@@ -389,10 +424,12 @@ class GradientLearner(Learner):
             'vmap'
         """
         trainable = any(p.requires_grad for p in self.parameters())
-        return plan_meta_batch(self.model, batch, request=self.execution, custom_loss=self.loss_fn is not None,
+        yours = [what for what, on in (("a loss_fn", self.loss_fn is not None), ("hooks or terms", self.seams.active),
+                                       ("per-task initial parameters", per_task_initial)) if on]
+        return plan_meta_batch(self.model, batch, request=self.execution, user_functions=", ".join(yours) or None,
                                differentiate=torch.is_grad_enabled() and trainable,
                                per_task_statistics=self.step_norm is not None and self.step_norm.statistics,
-                               task_group=self.task_group, task_workers=self.task_workers)
+                               task_group=self.task_group, task_workers=1 if self.compile else self.task_workers)
 
     def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
         """Also `loss_before`, the query loss before adapting."""
@@ -415,27 +452,29 @@ class GradientLearner(Learner):
         with fixed_structure(self.model):
             for t in range(len(batch)):
                 ep = batch[t]
-                after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks)
+                after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks,
+                                                 ep.query_y)
                 outputs.append(after)
         return torch.stack(outputs)
 
     # -- execution strategies -----------------------------------------------------------------
-    def _with_graphs(self, batch: TaskBatch, first_order: bool, weights: list[float] | None
+    def _with_graphs(self, batch: TaskBatch, first_order: bool, weights: list[float] | None, initial: Params
                      ) -> tuple[Tensor, dict[str, Tensor]]:
         """Task after task, every task's graph kept: the loss supports any further autograd use."""
-        params = self.meta_params()
+        shared = self.meta_params()
         hooks = self._hooks(training=True)
         losses, rows = [], []
         for t in range(len(batch)):
             ep = batch[t]
+            params = {**shared, **{n: v[t] for n, v in initial.items()}}
             out, loss, support_loss = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x,
                                                          self.inner_steps, first_order, hooks, ep.query_y, weights)
             losses.append(loss)
             rows.append({**self._metrics(out, ep.query_y), "support_loss": support_loss.detach()})
         return torch.stack(losses).mean(), {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
 
-    def _taskwise(self, plan: Plan, batch: TaskBatch, first_order: bool, weights: list[float] | None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _taskwise(self, plan: Plan, batch: TaskBatch, first_order: bool, weights: list[float] | None,
+                  initial: Params) -> tuple[Tensor, dict[str, Tensor]]:
         """Task groups (or single tasks) back-propagated as soon as their loss exists (`functional.rules`)."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         grouped = plan.path == "task-groups"
@@ -445,23 +484,26 @@ class GradientLearner(Learner):
             names=self.adapt_names, first_order=first_order, query_pass=self._query_pass, wrt=trainable,
             group=plan.group, autocast_dtype=_AUTOCAST[self.precision], checkpoint=self.checkpoint_inner_loop,
             hooks=self._hooks(training=True), replay_hooks=self._hooks(training=True, update=False),
-            step_weights=weights, workers=plan.workers, vmap_loss=self.loss_fn is None)
+            step_weights=weights, workers=plan.workers, vmap_loss=self.loss_fn is None, seams=self.seams,
+            initial=initial)
         rows = [self._metrics(out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()
-        return loss_with_grads(losses.mean(), trainable, grads), metrics
+        return loss_with_grads(losses.mean(), [*trainable, *initial.values()], grads), metrics
 
-    def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool, weights: list[float] | None
-                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        params = self.meta_params()
+    def _vmapped(self, batch: TaskBatch, steps: int, first_order: bool, weights: list[float] | None,
+                 initial: Params | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        shared = self.meta_params()
 
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, own: Params):
+            params = {**shared, **own}
             out, loss, support_loss = self._task_forward(params, sx, sy, qx, steps, first_order, None, qy, weights)
             row = self._metrics(out, qy)
             row["support_loss"] = support_loss.detach()
             return loss, row
 
-        return vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                                                      initial or {})
 
 
 def _select(model: nn.Module, adapt: str | Sequence[str] | None) -> list[str]:

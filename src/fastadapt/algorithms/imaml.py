@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import Params, adam, adapt, add_gradients, forward, loss_with_grads, sgd
-from ..functional.task_batched import check_task_workers, per_task_losses, stacked_params, task_batched_forward
+from ..functional.task_batched import (check_task_workers, per_task_losses, stacked_params, task_batched_forward,
+                                       task_workers_for)
 from ..runtime import map_in_threads
 from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
@@ -243,7 +244,7 @@ class IMAML(Learner):
         self.proximal: ProximalMode = proximal
         self.task = check_kind(task)
         self.task_group = task_group
-        self.task_workers = check_task_workers(task_workers, model)
+        self.task_workers = check_task_workers(task_workers)
         self._batched = task_batched_forward(model) if task_group is not None else None
 
     # -- the pieces ---------------------------------------------------------------------------
@@ -348,7 +349,7 @@ class IMAML(Learner):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         differentiate = torch.is_grad_enabled() and bool(trainable)
         solve = self._tasks_at_once if self._batched is not None else self._task_by_task
-        workers = self.task_workers if batch.support_x.device.type == "cpu" else 1
+        workers = task_workers_for(self.task_workers, self.model, batch)
         total, losses, rows = None, [], []
         # parts summed in their order, then divided once: the same sums with and without workers
         for part_total, part_losses, part_rows in map_in_threads(

@@ -134,9 +134,10 @@ def inner_step(point: Params, grads: Params, state: Any, optimizer: GradientTran
 
 
 def model_support_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn, frozen: Mapping[str, Tensor] = {},
-                       hooks: StepHooks | None = None) -> SupportLoss:
+                       hooks: StepHooks | None = None, seams: Any = None) -> SupportLoss:
     """The support loss of one task for `adapt`: `loss_fn(model(x; θ), y)` with the adapted entries,
-    the `frozen` ones, and at step `s` the step hooks' parameters and context (MAML++).
+    the `frozen` ones, and at step `s` the step hooks' parameters and context (MAML++), and the
+    `seams` (`functional.seams.Seams`: a support hook, an inner term).
 
     Example:
         >>> from fastadapt.functional.optim import sgd
@@ -147,10 +148,11 @@ def model_support_loss(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossF
         ['bias', 'weight']
     """
     def support_loss(adapted: Params, step: int) -> Tensor:
-        if hooks is None:
-            return loss_fn(forward(model, {**frozen, **adapted}, x), y)
-        with hooks.context(step):
-            return loss_fn(forward(model, {**frozen, **hooks.params(step), **adapted}, x), y)
+        params = {**frozen, **(hooks.params(step) if hooks is not None else {}), **adapted}
+        inputs = x if seams is None else seams.support_inputs(params, x, y)
+        with hooks.context(step) if hooks is not None else contextlib.nullcontext():
+            loss = loss_fn(forward(model, params, inputs), y)
+        return loss if seams is None else loss + seams.inner(params, step)
 
     return support_loss
 

@@ -88,7 +88,7 @@ def vmap_exact(model: nn.Module) -> bool:
 
 def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, differentiate: bool = True,
                     per_task_statistics: bool = False, task_group: int | None = None, task_workers: int = 1,
-                    custom_loss: bool = False) -> Plan:
+                    user_functions: str | None = None) -> Plan:
     """The plan for one meta-batch of `model`.
 
     Args:
@@ -101,10 +101,11 @@ def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, d
             per-step running statistics), which needs one task at a time.
         task_group: tasks per group; None: `CPU_TASK_GROUP` on the CPU, the whole batch on a GPU.
         task_workers: task groups at once in threads on the CPU, where the forward is thread-safe.
-        custom_loss: the loss is the user's, not known to be vmap-safe: "auto" does not vmap it.
+        user_functions: what of the user's runs inside the inner loop (a loss, hooks, per-task
+            initial parameters), not known to be vmap-safe: "auto" does not vmap it.
     """
     reasons: list[str] = []
-    if request == "vmap" or (request == "auto" and not custom_loss):
+    if request == "vmap" or (request == "auto" and not user_functions):
         if vmap_exact(model):
             return _logged(Plan("vmap", reasons=("every layer has exact vmap rules",)))
         if request == "vmap":
@@ -113,8 +114,8 @@ def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, d
     if request == "graph" or not differentiate:
         why = "asked for" if request == "graph" else "no meta-gradient is taken"
         return _logged(Plan("graph", reasons=(*reasons, why)))
-    if request == "auto" and custom_loss and vmap_exact(model):
-        reasons.append("a loss_fn of yours is not known to be vmap-safe (execution='vmap' to vmap it)")
+    if request == "auto" and user_functions and vmap_exact(model):
+        reasons.append(f"{user_functions} of yours not known to be vmap-safe (execution='vmap' to vmap them)")
     if request in ("auto", "loop"):
         if per_task_statistics:
             reasons.append("per-step BatchNorm statistics see one task at a time")

@@ -48,11 +48,19 @@ class QueryPass:
             output = forward(self.model, params, x)
             return self.loss_fn(output, y), output
 
-    def __call__(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Params]:
-        """Returns the detached output and loss, and the gradient of the loss for every entry."""
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
+                 inputs: Callable[[Params], Tensor] | None = None,
+                 extra: Callable[[Params], Tensor] | None = None) -> tuple[Tensor, Tensor, Params]:
+        """Returns the detached output and loss, and the gradient of the loss for every entry.
+
+        `inputs(params)` (optional) gives the query inputs in place of `x` (a query hook: its
+        dependence on the parameters is differentiated), `extra(params)` a term added to the loss.
+        """
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         with torch.enable_grad():
-            loss, output = self._loss_and_output(leaves, x, y)
+            loss, output = self._loss_and_output(leaves, x if inputs is None else inputs(leaves), y)
+            if extra is not None:
+                loss = loss + extra(leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
         return output.detach().to(loss.dtype), loss.detach(), dict(zip(leaves, grads))
 

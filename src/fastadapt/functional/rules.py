@@ -37,6 +37,7 @@ from ..runtime import map_in_threads
 from .inner_loop import LossFn, Params, StepHooks, SupportLoss, adapt, check_step_params
 from .optim import GradientTransformation, per_task
 from .query_pass import QueryPass, check_step_weights, mixed_precision
+from .seams import Seams
 from .task_batched import BatchedForward, per_task_losses, stacked_params
 from .taskwise import add_gradients
 
@@ -63,6 +64,8 @@ def meta_gradients(
     step_weights: Sequence[float] | None = None,
     workers: int = 1,
     vmap_loss: bool = True,
+    seams: Seams = Seams(),
+    initial: Params | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task query outputs, query
     losses `(T,)` and support losses before adapting `(T,)`.
@@ -72,6 +75,10 @@ def meta_gradients(
     `optim.per_task`); `hooks` are per-step parameters and contexts (MAML++'s per-step BatchNorm);
     `step_weights` (w_1 .. w_steps) make the query loss the multi-step loss `sum_i w_i L_q(θ_i)`.
     `vmap_loss=False` calls `loss_fn` task by task in a group (a loss that is not vmap-safe).
+    `seams` are the learner's per-task additions (`functional.seams`); `initial` gives some
+    parameters per task, `(T, *p.shape)`, in place of the shared initialisation: their gradients
+    come back after those of `wrt`, one per entry of `initial` (the caller deposits them into the
+    tensors `initial` was made from, so nothing is counted twice).
     `checkpoint` (second order only) selects the checkpointed rule, which replays each step with
     `replay_hooks` (default `hooks`; hooks that must not act twice, such as running statistics,
     give a form that does not update).
@@ -98,19 +105,26 @@ def meta_gradients(
     if hooks is not None and replay_hooks is not None:
         check_step_params(replay_hooks, names)
     each_task = per_task(optimizer)
+    leaves = {n: t.detach().requires_grad_() for n, t in (initial or {}).items()}  # cut from what made them
+    targets = [*wrt, *leaves.values()]
+    per_task_loss = per_task_losses(loss_fn, vmap_loss)
+    parts = batch.split(group)
+    offsets = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
 
-    def one_group(part: TaskBatch):
-        per_task_loss = per_task_losses(loss_fn, vmap_loss)
-        group = _Group(run, params, part, names, per_task_loss, query_pass, hooks, autocast_dtype)
+    def one_group(index: int):
+        part = parts[index]
+        start = {n: t[offsets[index]: offsets[index] + len(part)] for n, t in leaves.items()}
+        made = _Group(run, params, part, names, per_task_loss, query_pass, hooks, autocast_dtype, seams, start)
         if rule is _checkpointed:
-            replay = _Group(run, params, part, names, per_task_loss, query_pass, replay_hooks or hooks, autocast_dtype)
-            return _checkpointed(group, replay, each_task, steps, list(wrt), weights, len(batch))
-        return _unrolled(group, each_task, steps, first_order, list(wrt), weights, len(batch))
+            replay = _Group(run, params, part, names, per_task_loss, query_pass, replay_hooks or hooks, autocast_dtype,
+                            seams, start)
+            return _checkpointed(made, replay, each_task, steps, targets, weights, len(batch))
+        return _unrolled(made, each_task, steps, first_order, targets, weights, len(batch))
 
     totals: list[Tensor | None] | None = None
     outputs: list[Tensor] = []
     query_losses, support_losses = [], []
-    for grads, part_outputs, part_query, part_support in map_in_threads(one_group, batch.split(group), workers):
+    for grads, part_outputs, part_query, part_support in map_in_threads(one_group, range(len(parts)), workers):
         totals = add_gradients(totals, grads)
         outputs += part_outputs
         query_losses.append(part_query)
@@ -123,16 +137,19 @@ class _Group:
 
     def __init__(self, run: BatchedForward, params: Params, part: TaskBatch, names: list[str],
                  per_task_loss: Callable[[Tensor, Tensor], Tensor], query_pass: QueryPass, hooks: StepHooks | None,
-                 autocast_dtype: torch.dtype | None) -> None:
-        self.part, self.names, self.query_pass, self.hooks = part, names, query_pass, hooks
+                 autocast_dtype: torch.dtype | None, seams: Seams, initial: Params) -> None:
+        self.part, self.names, self.query_pass, self.hooks, self.seams = part, names, query_pass, hooks, seams
         self.tasks = len(part)
-        stacked = stacked_params(params, self.tasks)
+        stacked = {**stacked_params(params, self.tasks), **initial}
         self.start = {n: stacked[n] for n in names}
         self.frozen = {n: p for n, p in stacked.items() if n not in self.start}
 
         def support_loss(adapted: Params, step: int) -> Tensor:
+            at = self.at(adapted, step)
+            x = seams.stacked_support_inputs(at, part.support_x, part.support_y)
             with self.context(step), mixed_precision(autocast_dtype):
-                return per_task_loss(run(self.at(adapted, step), part.support_x), part.support_y)
+                losses = per_task_loss(run(at, x), part.support_y)
+            return losses + seams.stacked_inner(at, step, self.tasks)
 
         self.support_loss: SupportLoss = support_loss
 
@@ -144,18 +161,41 @@ class _Group:
     def context(self, step: int) -> contextlib.AbstractContextManager:
         return self.hooks.context(step) if self.hooks is not None else contextlib.nullcontext()
 
-    def query_passes(self, point: Params, step: int) -> tuple[list[Tensor], Tensor, Params]:
+    def query_passes(self, point: Params, step: int, last: bool) -> tuple[list[Tensor], Tensor, Params]:
         """Per-task first-order query passes at the parameters `point` of step `step`: outputs,
-        losses `(T,)` and gradients stacked `(T, *p.shape)` for every entry of `point`."""
+        losses `(T,)` and gradients stacked `(T, *p.shape)` for every entry of `point`. The query
+        hook applies at every point, the outer term at the `last` one (its gradient w.r.t. the
+        adapted parameters here, the rest in `outer_direct`)."""
         outputs, losses, grads = [], [], []
+        seams = self.seams
         for t in range(self.tasks):
+            x, y = self.part.query_x[t], self.part.query_y[t]
+            inputs = (lambda p, x=x, y=y: seams.query_inputs(p, x, y)) if seams.query_hook is not None else None
+            initial = self.initial_of(t)
+            extra = ((lambda p, initial=initial: seams.outer_term(p, {n: v.detach() for n, v in initial.items()}))
+                     if last and seams.outer_term is not None else None)
             with self.context(step):
-                output, loss, g = self.query_pass({n: p[t] for n, p in point.items()}, self.part.query_x[t],
-                                                   self.part.query_y[t])
+                output, loss, g = self.query_pass({n: p[t] for n, p in point.items()}, x, y, inputs=inputs,
+                                                  extra=extra)
             outputs.append(output)
             losses.append(loss)
             grads.append(g)
         return outputs, torch.stack(losses), {n: torch.stack([g[n] for g in grads]) for n in grads[0]}
+
+    def initial_of(self, task: int) -> Params:
+        """Task `task`'s whole initial parameter dict (with its graph to the meta-parameters)."""
+        return {n: p[task] for n, p in self.at(self.start, 0).items()}
+
+    def outer_direct(self, adapted: Params, targets: list[Tensor], scale: float) -> list[Tensor | None] | None:
+        """The outer term's gradient w.r.t. `targets` through the initial parameters, the adapted
+        ones held fixed (`query_passes` took the rest): None without an outer term."""
+        if self.seams.outer_term is None:
+            return None
+        term = sum(self.seams.outer_term({n: p[t].detach() for n, p in adapted.items()}, self.initial_of(t))
+                   for t in range(self.tasks))
+        if not isinstance(term, Tensor) or not term.requires_grad:
+            return None
+        return list(torch.autograd.grad(term * scale, targets, allow_unused=True))
 
 
 def _weighted_steps(weights: list[float]) -> list[tuple[int, float]]:
@@ -170,13 +210,14 @@ def _unrolled(group: _Group, optimizer: GradientTransformation, steps: int, firs
         targets, grad_outputs, query_losses = [], [], None
         for step, weight in _weighted_steps(weights):
             at = group.at(trajectory.points[step], step)
-            outputs, losses, query_grads = group.query_passes(at, step)
+            outputs, losses, query_grads = group.query_passes(at, step, last=step == steps)
             query_losses = weight * losses if query_losses is None else query_losses + weight * losses
             differentiable = [n for n, p in at.items() if p.requires_grad]
             targets += [at[n] for n in differentiable]
             grad_outputs += [query_grads[n] * (weight / total_tasks) for n in differentiable]
-        meta_grads = torch.autograd.grad(targets, wrt, grad_outputs, allow_unused=True)
-    return list(meta_grads), outputs, query_losses, trajectory.losses[0]
+        meta_grads = add_gradients(list(torch.autograd.grad(targets, wrt, grad_outputs, allow_unused=True)),
+                                   group.outer_direct(at, wrt, 1 / total_tasks) or [None] * len(wrt))
+    return meta_grads, outputs, query_losses, trajectory.losses[0]
 
 
 def _checkpointed(group: _Group, replay: _Group, optimizer: GradientTransformation, steps: int,
@@ -198,7 +239,7 @@ def _checkpointed(group: _Group, replay: _Group, optimizer: GradientTransformati
         query_losses = None
         for step, weight in _weighted_steps(weights):
             at = group.at(values[step][0], step)
-            outputs, losses, query_grads = group.query_passes(at, step)
+            outputs, losses, query_grads = group.query_passes(at, step, last=step == steps)
             query_losses = weight * losses if query_losses is None else query_losses + weight * losses
             cotangents[step] = [query_grads[n] * (weight / total_tasks) for n in names]
             direct = [n for n, p in at.items() if n not in names and p.requires_grad]
@@ -206,6 +247,7 @@ def _checkpointed(group: _Group, replay: _Group, optimizer: GradientTransformati
                 totals = add_gradients(totals, torch.autograd.grad(
                     [at[n] for n in direct], wrt, [query_grads[n] * (weight / total_tasks) for n in direct],
                     allow_unused=True))
+        totals = add_gradients(totals, group.outer_direct(at, wrt, 1 / total_tasks) or [None] * len(wrt))
         # backward: one step's graph at a time, from the last step to the first
         v_point, v_state = cotangents[steps], None
         for k in reversed(range(steps)):

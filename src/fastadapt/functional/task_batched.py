@@ -133,22 +133,17 @@ def task_workers_for(task_workers: int, model: nn.Module, batch: TaskBatch) -> i
     return task_workers if task_workers > 1 and on_cpu and thread_safe_forward(model) else 1
 
 
-def check_task_workers(task_workers: int, model: nn.Module) -> int:
-    """`task_workers` (tasks or task groups at once in threads, `runtime.map_in_threads`),
-    validated: an integer >= 1, above 1 only for a model whose forward is thread-safe (a model
-    whose first block the reordered forward computes, `fused_block.fused_forward`, such as a
-    Conv4 with max-pool blocks; other forwards swap the module's parameters via `functional_call`).
+def check_task_workers(task_workers: int) -> int:
+    """`task_workers` (tasks or task groups at once in threads, `runtime.map_in_threads`), validated:
+    an integer >= 1. Where the forward is not thread-safe the batches still run one at a time
+    (`task_workers_for`).
 
     Example:
-        >>> from fastadapt.nn import Conv4
-        >>> check_task_workers(2, Conv4.omniglot(ways=5))
+        >>> check_task_workers(2)
         2
     """
     if isinstance(task_workers, bool) or not isinstance(task_workers, int) or task_workers < 1:
         raise ValueError(f"task_workers must be an integer >= 1, got {task_workers!r}")
-    if task_workers > 1 and not thread_safe_forward(model):
-        raise ValueError(f"task_workers > 1 needs a Conv4-style model with max-pool blocks (its forward is "
-                         f"thread-safe), got {type(model).__name__}")
     return task_workers
 
 
