@@ -102,8 +102,6 @@ def meta_gradients(
         check_step_params(hooks, names)
     weights = check_step_weights(step_weights, steps)
     rule = _checkpointed if checkpoint and not first_order else _unrolled
-    if hooks is not None and replay_hooks is not None:
-        check_step_params(replay_hooks, names)
     each_task = per_task(optimizer)
     leaves = {n: t.detach().requires_grad_() for n, t in (initial or {}).items()}  # cut from what made them
     targets = [*wrt, *leaves.values()]
