@@ -43,7 +43,7 @@ def _relative(a: list[Tensor], b: list[Tensor], scale: list[Tensor] | None = Non
 
 def _adapted(imaml: IMAML, theta: dict[str, Tensor], episode: Episode, dtype: torch.dtype) -> dict[str, Tensor]:
     frozen = imaml._split()[1]
-    return imaml._solve(theta, frozen, episode.support_x.to(dtype), episode.support_y, imaml.inner_steps)[0]
+    return imaml._solve(theta, frozen, episode.support_x.to(dtype), episode.support_y, imaml.inner_steps, imaml.lam)[0]
 
 
 def _meta_gradient(imaml: IMAML, phi: dict[str, Tensor], episode: Episode, dtype: torch.dtype

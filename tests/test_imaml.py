@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastadapt import EpisodeSampler, TaskBatch
-from fastadapt.algorithms.imaml import IMAML, conjugate_gradient, proximal_adapt
+from fastadapt.algorithms.imaml import IMAML, proximal_adapt
+from fastadapt.functional.implicit import conjugate_gradient
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
 from fastadapt.training.config import Config, ConfigError
@@ -225,7 +226,7 @@ def test_tasks_at_once_equal_task_by_task_in_float64(inner_optimizer, frozen, on
     for name, group in (("per task", None), ("groups of 2", 2), ("groups of 8", 8)):
         imaml = IMAML(model, inner_lr=0.1, inner_steps=2, lam=2.0, cg_steps=3, cg_damping=1.0,
                       inner_optimizer=inner_optimizer, task_group=group)
-        assert (imaml._batched is not None) == (group is not None)  # Conv4: tasks can be solved at once
+        assert (imaml.plan(batch).path == "task-groups") == (group is not None)  # Conv4: tasks can be solved at once
         model.zero_grad(set_to_none=True)
         loss, metrics = imaml.meta_loss(batch)
         loss.backward()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastadapt import MAML, TaskBatch
+from fastadapt import IMAML, MAML, Reptile, TaskBatch
 from fastadapt.functional.fused_block import fused_forward
 from fastadapt.functional.structure import fixed_structure, layer_chain
 from fastadapt.functional.task_batched import task_batched_forward, thread_safe_forward
@@ -141,6 +141,44 @@ def test_a_model_edited_after_the_learner_was_built_gets_its_new_function():
     model.forward = lambda x: Conv4.forward(model, x) * 3     # an instance forward
     assert layer_chain(model) is None
     assert_grads_close(engine_grads(learner, batch), reference_meta_grad(learner, batch))
+
+
+def _reptile_reference(model: nn.Module, batch: TaskBatch, lr: float, steps: int) -> list[torch.Tensor]:
+    """Reptile's direction by plain SGD on each task's whole support set through the model's own forward."""
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    adapted = []
+    for t in range(len(batch)):
+        phi = dict(theta)
+        for _ in range(steps):
+            leaves = {k: v.requires_grad_() for k, v in ((k, v.detach().clone()) for k, v in phi.items())}
+            out = torch.func.functional_call(model, leaves, (batch.support_x[t],))
+            grads = torch.autograd.grad(F.cross_entropy(out, batch.support_y[t]), list(leaves.values()))
+            phi = {k: v.detach() - lr * g for (k, v), g in zip(leaves.items(), grads)}
+        adapted.append(phi)
+    return [theta[k] - torch.stack([phi[k] for phi in adapted]).mean(0) for k in theta]
+
+
+@pytest.mark.parametrize("edit", ["subclass", "residual", "edited after the learner was built"])
+def test_reptile_and_imaml_plans_give_each_model_its_own_function(edit):
+    """The learners without a trajectory graph plan by structure too: a model that is not (or no
+    longer) a chain fine-tunes and solves task by task through its own forward."""
+    batch = _batch()
+    models = {"subclass": lambda: _small_conv4(ScaledConv4), "residual": lambda: _randomised(Residual()),
+              "edited after the learner was built": _small_conv4}
+    model = models[edit]()
+    reptile = Reptile(model, inner_lr=0.3, inner_steps=2, inner_optimizer="sgd")
+    imaml = IMAML(model, inner_lr=0.3, inner_steps=2, cg_steps=3, task_group=2)
+    reference_imaml = IMAML(model, inner_lr=0.3, inner_steps=2, cg_steps=3)  # task by task: functional_call
+    if edit.startswith("edited"):
+        assert reptile.plan(batch).path == imaml.plan(batch).path == "task-groups"
+        assert_grads_close(engine_grads(reptile, batch), _reptile_reference(model, batch, 0.3, 2))
+        assert_grads_close(engine_grads(imaml, batch), engine_grads(reference_imaml, batch))
+        model.forward = lambda x: Conv4.forward(model, x) * 3 + 0.5
+    assert reptile.plan(batch).path == imaml.plan(batch).path == "per-task"
+    assert_grads_close(engine_grads(reptile, batch), _reptile_reference(model, batch, 0.3, 2))
+    assert_grads_close(engine_grads(imaml, batch), engine_grads(reference_imaml, batch))
+    grouped = IMAML(_small_conv4(), inner_lr=0.3, inner_steps=2, cg_steps=3, task_group=2)
+    assert not torch.allclose(imaml.meta_loss(batch)[0], grouped.meta_loss(batch)[0])  # not plain Conv4's
 
 
 def test_running_statistics_and_subclassed_layers_are_not_chains():

@@ -11,10 +11,12 @@ Hessian of the support loss at phi*, so the task's meta-gradient is the solution
     (I + (H + damping I)/lam) g = grad L_query(phi)
 
 found by `cg_steps` iterations of conjugate gradient on Hessian-vector products (a double
-backward through the support loss at phi). Memory holds the support graphs of one task group
-(`task_group` tasks solved at once) and one query graph, whatever the number of inner steps;
-compute is k inner steps plus `cg_steps` Hessian-vector products. `damping` (0 in the paper's equation) adds `damping * I` to H, which keeps the system
-positive definite where the support loss's curvature is not below -(lam + damping); conjugate
+backward through the support loss at phi): the engine's implicit rule, `functional.implicit`; the
+inner problem runs through the engine's one inner loop, `functional.adapt`. Memory holds the
+support graphs of one task group (`task_group` tasks solved at once) and one query graph, whatever
+the number of inner steps;
+compute is k inner steps plus `cg_steps` Hessian-vector products. `damping` (0 in the paper's
+equation) adds `damping * I` to H, which keeps the system positive definite where the support loss's curvature is not below -(lam + damping); conjugate
 gradient also stops along a direction of non-positive curvature (truncated CG) instead of stepping
 to infinity. The authors' code solves (2 I + H / (lam + 10)) g = grad, for lam = 2 the system
 here with damping 22 up to a constant factor (see docs/methods/imaml.md and recipes/imaml/).
@@ -22,7 +24,7 @@ here with damping 22 up to a constant factor (see docs/methods/imaml.md and reci
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -30,68 +32,20 @@ from torch import Tensor, nn
 
 from ..data.episodes import TaskBatch
 from ..functional import Params, adam, adapt, add_gradients, forward, loss_with_grads, sgd
-from ..functional.task_batched import (check_task_workers, per_task_losses, stacked_params, task_batched_forward,
-                                       task_workers_for)
+from ..functional.implicit import implicit_meta_gradient
+from ..functional.planner import Plan, plan_independent_tasks
+from ..functional.task_batched import check_task_workers, per_task_losses, stacked_params, task_batched_forward
 from ..runtime import map_in_threads
 from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
 
-__all__ = ["IMAML", "conjugate_gradient", "proximal_adapt"]
+__all__ = ["IMAML", "proximal_adapt"]
 
 IMAMLInnerOptimizer = Literal["sgd", "adam"]
 # where the proximal term acts: in every inner step's gradient (the paper's objective), or once,
 # as one SGD step on it after plain optimizer steps on the support loss (the authors' code)
 ProximalMode = Literal["every_step", "pull_back"]
 Vectors = list[Tensor]
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor], batched: bool) -> Tensor:
-    """Inner product of two vectors (lists of tensors); per task `(T,)` if `batched`."""
-    if batched:
-        return sum((x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(a, b))  # type: ignore[return-value]
-    return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
-
-
-def _per(coefficient: Tensor, t: Tensor) -> Tensor:
-    """A scalar, or one per task `(T,)`, shaped to broadcast over `t`."""
-    return coefficient.reshape(*coefficient.shape, *[1] * (t.dim() - coefficient.dim()))
-
-
-def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Sequence[Tensor], steps: int,
-                       batched: bool = False) -> Vectors:
-    """`steps` iterations of conjugate gradient for `A x = b` from x = 0; `A` symmetric, given by `matvec`.
-
-    `batched`: T independent systems stacked on the leading dimension of every tensor (a
-    block-diagonal `A`), each with its own step sizes, as T separate solves would take them.
-
-    Vectors are lists of tensors (one per parameter). No `.item()` sync: where a search direction
-    meets non-positive curvature (`p'Ap <= 0`, an indefinite `A`) or the residual is exactly zero,
-    the iteration stops in place (truncated CG), so the result is always finite.
-
-    Example:
-        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-        >>> x = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0], dtype=torch.float64)], 2)
-        >>> torch.allclose(A @ x[0], torch.tensor([1.0, 2.0], dtype=torch.float64))
-        True
-    """
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    rs = _dot(r, r, batched)
-    active = rs > 0
-    for _ in range(steps):
-        ap = matvec(p)
-        curvature = _dot(p, ap, batched)
-        active = active & (curvature > 0)
-        alpha = torch.where(active, rs / torch.where(active, curvature, 1.0), 0.0)
-        x = [xi + _per(alpha, pi) * pi for xi, pi in zip(x, p)]
-        r = [ri - _per(alpha, api) * api for ri, api in zip(r, ap)]
-        rs_new = _dot(r, r, batched)
-        active = active & (rs_new > 0)
-        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-        p = [ri + _per(beta, pi) * pi for ri, pi in zip(r, p)]
-        rs = rs_new
-    return x
 
 
 def proximal_adapt(
@@ -175,8 +129,8 @@ class IMAML(Learner):
             `task_metrics`: evaluation and validation); None (the default): `lam`, the problem
             training solved; 0: plain fine-tuning from theta, as the authors' `measure_accuracy.py`.
         task_group: experimental, opt-in: tasks whose inner problems and conjugate-gradient
-            solves run as one batched graph (Conv4-style models, `functional.task_batched`; others
-            go task by task); their support graphs are alive together. 8 measured 1.37x task by
+            solves run as one batched graph (where the forward is a conv/BatchNorm/ReLU/pool/Linear
+            chain, `functional.planner`; others go task by task: `plan(batch)` says); their support graphs are alive together. 8 measured 1.37x task by
             task on the CPU (benchmarks/imaml_paths_cpu.py), but short float32 training runs with
             it ended lower on three seeds for a cause not yet found (docs/methods/imaml.md).
             None (the default): task by task.
@@ -245,7 +199,6 @@ class IMAML(Learner):
         self.task = check_kind(task)
         self.task_group = task_group
         self.task_workers = check_task_workers(task_workers)
-        self._batched = task_batched_forward(model) if task_group is not None else None
 
     # -- the pieces ---------------------------------------------------------------------------
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
@@ -283,36 +236,33 @@ class IMAML(Learner):
 
     def _implicit_solve(self, support_losses_at: Callable[[Params], Tensor], phi: Params, v: Vectors,
                         batched: bool) -> Vectors:
-        """CG on `(I + (H + damping I)/lam) g = v`, H the Hessian of the support loss at `phi` (of
-        each task's, for tasks stacked on the leading dimension when `batched`)."""
-        names = list(phi)
-        with torch.enable_grad():
-            leaves = [phi[n].detach().requires_grad_(True) for n in names]
-            support_loss = support_losses_at(dict(zip(names, leaves))).sum()
-            support_grad = torch.autograd.grad(support_loss, leaves, create_graph=True, materialize_grads=True)
-            # entries that do not depend on phi (e.g. a conv bias BatchNorm removes) have zero Hessian rows
-            linked = [i for i, s in enumerate(support_grad) if s.requires_grad]
-            scale = 1.0 / self.lam
+        """The implicit rule (`functional.implicit_meta_gradient`) with this learner's lam, damping and CG steps."""
+        return implicit_meta_gradient(support_losses_at, phi, v, lam=self.lam, damping=self.cg_damping,
+                                      cg_steps=self.cg_steps, batched=batched)
 
-            def matvec(u: Vectors) -> Vectors:
-                hvp = torch.autograd.grad([support_grad[i] for i in linked], leaves, grad_outputs=[u[i] for i in linked],
-                                          retain_graph=True, materialize_grads=True)
-                return [ui + scale * (hi + self.cg_damping * ui) for ui, hi in zip(u, hvp)]
+    def plan(self, batch: TaskBatch) -> Plan:
+        """How `meta_loss(batch)` and evaluation solve the tasks now, and why (`functional.planner`).
 
-            g = conjugate_gradient(matvec, v, self.cg_steps, batched=batched)
-        return [t.detach() for t in g]
+        Example:
+            >>> from fastadapt.nn import MLP
+            >>> from fastadapt.data import SinusoidTasks
+            >>> IMAML(MLP(1, [8], 1), task="regression").plan(SinusoidTasks().task_batch(0, 2)).path
+            'per-task'
+        """
+        return plan_independent_tasks(self.model, batch, task_group=self.task_group, task_workers=self.task_workers)
 
-    def _parts(self, batch: TaskBatch, workers: int = 1) -> list[TaskBatch]:
-        """The batch in task groups where tasks can be solved at once, else whole (task by task),
-        or one task per part for `workers` > 1."""
-        if self._batched is not None:
-            return batch.split(self.task_group or len(batch))
-        return batch.split(1) if workers > 1 else [batch]
+    @staticmethod
+    def _parts(plan: Plan, batch: TaskBatch) -> list[TaskBatch]:
+        """The batch in the plan's task groups, else whole (task by task), or one task per part for
+        several workers."""
+        if plan.path == "task-groups":
+            return batch.split(plan.group)
+        return batch.split(1) if plan.workers > 1 else [batch]
 
     def _stacked_losses(self, frozen: Params, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
         """Per-task losses `(T,)` of stacked parameters on stacked inputs, frozen entries shared."""
-        assert self._batched is not None
-        run, per_task = self._batched, per_task_losses(self._loss_fn)
+        run, per_task = task_batched_forward(self.model), per_task_losses(self._loss_fn)
+        assert run is not None, "planned task groups for a forward that is not a chain"
         fixed = stacked_params(frozen, x.shape[0])
         return lambda phi: per_task(run({**fixed, **phi}, x), y)
 
@@ -348,12 +298,12 @@ class IMAML(Learner):
         theta, frozen = self._split()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         differentiate = torch.is_grad_enabled() and bool(trainable)
-        solve = self._tasks_at_once if self._batched is not None else self._task_by_task
-        workers = task_workers_for(self.task_workers, self.model, batch)
+        plan = self.plan(batch)
+        solve = self._tasks_at_once if plan.path == "task-groups" else self._task_by_task
         total, losses, rows = None, [], []
         # parts summed in their order, then divided once: the same sums with and without workers
         for part_total, part_losses, part_rows in map_in_threads(
-                lambda part: solve(part, theta, frozen, differentiate), self._parts(batch, workers), workers):
+                lambda part: solve(part, theta, frozen, differentiate), self._parts(plan, batch), plan.workers):
             if differentiate:
                 total = add_gradients(total, part_total)
             losses += part_losses
@@ -427,8 +377,9 @@ class IMAML(Learner):
         steps = inner_steps or self.inner_steps
         theta, frozen = self._split()
         outputs = []
-        for part in self._parts(batch):
-            adapted = (self._solve_tasks(theta, frozen, part, steps, self.eval_lam)[0] if self._batched is not None
+        plan = self.plan(batch)
+        for part in self._parts(plan, batch):
+            adapted = (self._solve_tasks(theta, frozen, part, steps, self.eval_lam)[0] if plan.path == "task-groups"
                        else None)
             for t in range(len(part)):
                 ep = part[t]

@@ -8,10 +8,12 @@ the meta-parameters theta to phi_t; no outer graph is built. `meta_loss(batch)` 
 batched version with more. Any other outer optimizer (Adam: "Reptile with Adam outer") takes the
 same direction as its gradient.
 
-Execution: the tasks of a meta-batch (or of an evaluation batch) fine-tune together, as one
-grouped-convolution graph for `fastadapt.nn.Conv4` models (`functional.task_batched`; 1.6x faster
-than task by task with the strided Conv4, one thread), one call per task for any other module;
-the same numbers either way, to rounding.
+Execution (`plan(batch)`, `functional.planner`): the tasks of a meta-batch (or of an evaluation
+batch) fine-tune together, as one grouped-convolution graph where the forward is a conv /
+BatchNorm / ReLU / pool / Linear chain (`functional.task_batched`; 1.6x faster than task by task
+with the strided Conv4, one thread), one call per task for any other module; the same numbers
+either way, to rounding. The meta-gradient is the engine's Reptile rule,
+`functional.rules.reptile_direction`.
 
 Randomness: training draws the mini-batch order from torch's global generator (seeded by the
 experiment, saved in checkpoints); evaluation (`adapt`, `task_metrics`) draws it from a generator
@@ -37,6 +39,8 @@ from torch import Tensor, nn
 from ..data.episodes import TaskBatch
 from ..functional import AdamState, GradientTransformation, LossFn, Params, adam, adapt, loss_with_grads, momentum, sgd
 from ..functional.optim import find_state, per_task, replace_state
+from ..functional.planner import Plan, plan_independent_tasks
+from ..functional.rules import reptile_direction
 from ..functional.task_batched import BatchedForward, looped_forward, per_task_losses, stacked_params, task_batched_forward
 from .base import AdaptedModel, Learner
 from .objectives import TaskKind, check_kind, task_loss, task_metrics
@@ -289,9 +293,22 @@ class Reptile(Learner):
     def _loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
         return task_loss(self.task, output, target)
 
-    def _run(self) -> BatchedForward:
-        """All tasks in one grouped graph where the model allows it, else one call per task."""
-        return task_batched_forward(self.model) or looped_forward(self.model)
+    def plan(self, batch: TaskBatch) -> Plan:
+        """How the tasks of `batch` fine-tune now, and why (`functional.planner`): all at once as one
+        grouped graph where the forward is a conv/BatchNorm/ReLU/pool/Linear chain, else task by task.
+
+        Example:
+            >>> from fastadapt.nn import MLP
+            >>> from fastadapt.data import SinusoidTasks
+            >>> Reptile(MLP(), task="regression").plan(SinusoidTasks().task_batch(0, 2)).path
+            'per-task'
+        """
+        return plan_independent_tasks(self.model, batch, task_group=len(batch))
+
+    def _run(self, plan: Plan) -> BatchedForward:
+        """The forward of stacked tasks the plan asks for: one grouped graph, or one call per task."""
+        grouped = task_batched_forward(self.model) if plan.path == "task-groups" else None
+        return grouped or looped_forward(self.model)
 
     def _eval_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.shuffle_seed)
@@ -310,7 +327,8 @@ class Reptile(Learner):
             >>> learner(torch.rand(3, 1, 28, 28)).shape
             torch.Size([3, 5])
         """
-        phi, _, _ = self._fine_tune_tasks(self._run(), self._theta(), support_x[None], support_y[None],
+        run = self._run(self.plan(TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None])))
+        phi, _, _ = self._fine_tune_tasks(run, self._theta(), support_x[None], support_y[None],
                                           steps or self.eval_inner_steps, self.eval_inner_batch, [self._eval_generator()])
         return AdaptedModel(self.model, {name: p[0] for name, p in phi.items()})
 
@@ -325,7 +343,7 @@ class Reptile(Learner):
         theta = self._theta()
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]  # theta's order
         generators = [None] * len(batch)  # torch's global generator, drawn task after task
-        run = self._run()
+        run = self._run(self.plan(batch))
         phi, support_losses, final_state = self._fine_tune_tasks(run, theta, batch.support_x, batch.support_y,
                                                                  self.inner_steps, self.inner_batch, generators)
         if self.carried_state is not None:
@@ -333,20 +351,20 @@ class Reptile(Learner):
         with torch.no_grad():
             metrics = self._metrics(run, phi, batch.query_x, batch.query_y)
         metrics = {k: v.mean() for k, v in {**metrics, "support_loss": support_losses}.items()}
-        direction = [theta[name] - phi[name].mean(0) for name, _ in named]
+        direction = reptile_direction(theta, phi, [name for name, _ in named])
         return loss_with_grads(metrics["loss"], [p for _, p in named], direction), metrics
 
     def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
         """Also `loss_before`, the query loss before fine-tuning."""
         outputs = self._query_outputs(batch, inner_steps)
         after = [task_metrics(self.task, outputs[t], batch.query_y[t]) for t in range(len(batch))]
-        before = self._metrics(self._run(), stacked_params(self._theta(), len(batch)), batch.query_x, batch.query_y)
+        before = self._metrics(self._run(self.plan(batch)), stacked_params(self._theta(), len(batch)), batch.query_x, batch.query_y)
         return {**{k: torch.stack([r[k] for r in after]) for k in after[0]}, "loss_before": before["loss"]}
 
     def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
         """After fine-tuning each task."""
         generators = [self._eval_generator() for _ in range(len(batch))]
-        run = self._run()
+        run = self._run(self.plan(batch))
         phi, _, _ = self._fine_tune_tasks(run, self._theta(), batch.support_x, batch.support_y,
                                           inner_steps or self.eval_inner_steps, self.eval_inner_batch, generators)
         return run(phi, batch.query_x)

@@ -37,7 +37,7 @@ from torch import nn
 from ..data.episodes import TaskBatch
 from .task_batched import task_batched_forward, task_workers_for
 
-__all__ = ["Plan", "Path", "Execution", "plan_meta_batch", "vmap_exact", "CPU_TASK_GROUP"]
+__all__ = ["Plan", "Path", "Execution", "plan_meta_batch", "plan_independent_tasks", "vmap_exact", "CPU_TASK_GROUP"]
 
 Path = Literal["vmap", "task-groups", "per-task", "graph"]
 Execution = Literal["auto", "loop", "per-task", "graph", "vmap"]
@@ -131,6 +131,33 @@ def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, d
     else:
         reasons.append("asked for")
     return _logged(Plan("per-task", reasons=tuple(reasons)))
+
+
+def plan_independent_tasks(model: nn.Module, batch: TaskBatch, *, task_group: int | None,
+                           task_workers: int = 1) -> Plan:
+    """The plan for tasks whose inner loops keep no graph from step to step (Reptile's fine-tuning,
+    iMAML's proximal solves): `task_group` tasks at once as one grouped graph where the forward is
+    a conv/BatchNorm/ReLU/pool/Linear chain, else task by task; `task_workers` groups (or tasks) at
+    once in threads on the CPU where the forward is thread-safe.
+
+    Example:
+        >>> import torch
+        >>> from fastadapt.nn import Conv4
+        >>> batch = TaskBatch(torch.zeros(4, 5, 1, 28, 28), torch.zeros(4, 5, dtype=torch.long),
+        ...                   torch.zeros(4, 5, 1, 28, 28), torch.zeros(4, 5, dtype=torch.long))
+        >>> plan_independent_tasks(Conv4.omniglot(ways=5), batch, task_group=4).path
+        'task-groups'
+        >>> plan_independent_tasks(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), batch, task_group=None).path
+        'per-task'
+    """
+    workers = task_workers_for(task_workers, model, batch)
+    if task_group is None:
+        return _logged(Plan("per-task", workers=workers, reasons=("task by task (no task_group set)",)))
+    if task_batched_forward(model) is None:
+        return _logged(Plan("per-task", workers=workers,
+                            reasons=("the forward is not a conv/BatchNorm/ReLU/pool/Linear chain",)))
+    return _logged(Plan("task-groups", min(task_group, len(batch)), workers,
+                        ("the forward is a conv/BatchNorm/ReLU/pool/Linear chain", f"{task_group} tasks per group")))
 
 
 _last_logged: list[Plan] = []

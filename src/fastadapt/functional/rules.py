@@ -14,8 +14,11 @@ through the small support-set inner loop only:
   backward per step). Any optimizer, per-step parameters and the multi-step loss included.
 
 Exact: the same products as one backward through the whole graph, summed in another order.
-(Reptile's direction `θ - mean φ` and iMAML's implicit rule, conjugate gradient on Hessian-vector
-products, live with their learners: `algorithms.reptile`, `algorithms.imaml`.)
+
+The two rules that need no trajectory graph: **Reptile's direction** (`reptile_direction`,
+`θ - mean_t φ_t`, first order by construction) and the **implicit** rule of iMAML
+(`functional.implicit.implicit_meta_gradient`: conjugate gradient on Hessian-vector products at
+the adapted point). Each learner is a choice among these four over the one inner loop.
 
 Tasks go in groups: a group's support phase runs as one graph of stacked weights `(T, ...)`
 (`functional.task_batched`: a grouped convolution, or a loop over the tasks for any model), the
@@ -41,7 +44,7 @@ from .seams import Seams
 from .task_batched import BatchedForward, per_task_losses, stacked_params
 from .taskwise import add_gradients
 
-__all__ = ["meta_gradients"]
+__all__ = ["meta_gradients", "reptile_direction"]
 
 
 def meta_gradients(
@@ -280,3 +283,15 @@ def _state_leaves(state: Any) -> tuple[list[Any], Any]:
 def _or_zero(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
+
+
+def reptile_direction(start: Params, adapted: Params, names: Sequence[str]) -> list[Tensor]:
+    """Reptile's meta-gradient for `names`: `start - mean over tasks of adapted` (the tasks stacked
+    on the leading dimension of `adapted`), so that an outer SGD step with learning rate ε moves
+    the initialisation by ε toward the tasks' adapted weights.
+
+    Example:
+        >>> reptile_direction({"w": torch.zeros(2)}, {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, ["w"])
+        [tensor([-2., -3.])]
+    """
+    return [start[name].detach() - adapted[name].detach().mean(0) for name in names]

@@ -43,7 +43,7 @@ import operator
 import threading
 import weakref
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.fx
