@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import random
 import shutil
 import stat
-import threading
 import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -89,30 +85,6 @@ def tiny_root(tmp_path: Path) -> tuple[Path, dict]:
     pixels.update(_make_tiny_zip(root / "omniglot" / NAMES[0], "images_background", seed=1))
     pixels.update(_make_tiny_zip(root / "omniglot" / NAMES[1], "images_evaluation", seed=2))
     return root, pixels
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-@pytest.fixture()
-def http_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
-    """A local HTTP server on 127.0.0.1 serving a fresh folder; yields (folder, base_url)."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    served = tmp_path / "served"
-    served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
+from .algorithms import Learner
 from .io import read_json, write_json
 from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
@@ -18,7 +20,7 @@ from .training.evaluate import evaluate_ensemble, evaluate_learner
 from .training.experiment import build_learner, test_source
 from .training.trainer import Trainer
 
-__all__ = ["train", "evaluate", "resolve_config", "run_config", "default_run_dir"]
+__all__ = ["train", "evaluate", "load", "resolve_config", "run_config", "default_run_dir"]
 
 PathLike = str | os.PathLike[str]
 
@@ -84,7 +86,7 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
              ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None,
-             task_workers: int | None = None) -> dict[str, Any]:
+             task_workers: int | None = None, dataset: str | None = None) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
     `device` with `threads` torch threads and `task_workers` episode batches at once (default: the
     run's own; see `evaluate_learner`). With `ensemble=K`, the mean
@@ -94,7 +96,9 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     Other ways / shots / inner steps than in training are allowed where the model permits (a MAML
     head has `ways` outputs; ProtoNet takes any). `imaml_lambda`: an iMAML run's proximal strength
     at test time (default: the run's `eval_imaml_lambda`, else its `imaml_lambda`; 0 is the authors'
-    plain fine-tuning). Writes `RUN_DIR/evals/<...>.json` and returns it.
+    plain fine-tuning). `dataset`: test on another dataset's test split (cross-domain, e.g. an
+    Omniglot run on "mnist"; the inputs must have the shape the model takes). Writes
+    `RUN_DIR/evals/<...>.json` and returns it.
 
     Example:
         >>> fastadapt.evaluate("runs/protonet-omniglot", shots=5, episodes=1000)["mean"]  # doctest: +SKIP
@@ -120,13 +124,9 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
     checkpoints = _evaluated_checkpoints(run_dir, ensemble)
-    learners = []
-    for tensors, source in checkpoints:
-        learner = build_learner(config)
-        load_module_tensors(learner, tensors, "learner.", source)
-        learners.append(learner)
+    learners = [_restored(config, tensors, source) for tensors, source in checkpoints]
     steps = inner_steps or config.effective_eval_inner_steps
-    tasks = test_source(config, ways, shots, queries)
+    tasks = test_source(config, ways, shots, queries, dataset=dataset)
     with torch_threads(config.threads):  # the run's own thread count, as in training
         estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
                      else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
@@ -134,7 +134,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     imaml_test_lambda = config.effective_eval_imaml_lambda if config.algorithm == "imaml" else None
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
-        "dataset": config.dataset, "ways": ways, "shots": shots, "queries": queries,
+        "dataset": dataset or config.dataset, "trained_on": config.dataset, "ways": ways, "shots": shots, "queries": queries,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         **({"imaml_lambda": imaml_test_lambda} if imaml_test_lambda is not None else {}),
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
@@ -146,10 +146,38 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     top = f"-top{ensemble}" if ensemble > 1 else ""
     other_lambda = (f"-lambda{imaml_test_lambda:g}" if imaml_test_lambda is not None
                     and imaml_test_lambda != config.imaml_lambda else "")
-    tag = (f"{config.dataset}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
+    tag = (f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
            f"-{episodes}ep{top}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
+
+
+def load(run_dir: PathLike, *, device: str | None = None) -> Learner:
+    """The trained learner of a run directory, from its best validated checkpoint, else its newest,
+    on `device` (default: the run's), ready for `adapt`, `task_metrics` or `evaluate_learner`.
+
+    Example:
+        >>> learner = fastadapt.load("runs/protonet-omniglot")  # doctest: +SKIP
+        >>> predictor = learner.adapt(support_x, support_y); predictor(query_x).argmax(1)  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    if device is not None:
+        config = config.replace(device=device)
+    tensors, source = _evaluated_checkpoints(run_dir, 1)[0]
+    return _restored(config, tensors, source)
+
+
+def _restored(config: Config, tensors: dict[str, Tensor], source: Path) -> Learner:
+    """A learner built from `config`, its weights and buffers from a checkpoint's tensors."""
+    learner = build_learner(config)
+    load_module_tensors(learner, tensors, "learner.", source)
+    return learner
+
+
+def _file_name(dataset: str) -> str:
+    """A dataset spec as part of a file name (`folder:/a/b` -> `folder-a-b`)."""
+    return "-".join(part for part in re.split(r"[^A-Za-z0-9_.+]+", dataset) if part)
 
 
 def _evaluated_checkpoints(run_dir: Path, ensemble: int) -> list[tuple[dict[str, Tensor], Path]]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
+from .data.registry import dataset_info
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import (ALGORITHMS, BACKBONES, DATASETS, DEVICE_PATTERN, IMAML_PROXIMAL, Config, ConfigError,
@@ -88,6 +89,17 @@ def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callab
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+
+
+def _dataset(text: str) -> str:
+    """An argparse type: a registered dataset (`data.registry`), else the error names the known ones."""
+    try:
+        dataset_info(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
@@ -108,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "defaults of the dataset and algorithm (RUN_DEFAULTS in fastadapt/cli.py), the "
                               "settings behind docs/results.md.")
     run.add_argument("--algo", choices=ALGORITHMS, default="maml")
-    run.add_argument("--dataset", choices=DATASETS, default="sinusoid")
-    run.add_argument("--backbone", choices=BACKBONES, help="mlp (sinusoid), conv4 (omniglot, max-pooling) or "
-                     "conv4-strided (stride-2 convolutions instead of pooling, the Reptile paper's network)")
-    run.add_argument("--ways", type=_positive_int, help="classes per test episode (omniglot)")
+    run.add_argument("--dataset", type=_dataset, default="sinusoid",
+                     help=f"{', '.join(DATASETS)} (default sinusoid; data under --data-root)")
+    run.add_argument("--backbone", choices=BACKBONES, help="mlp (sinusoid), conv4 (image datasets, max-pooling), "
+                     "conv4-strided (stride-2 convolutions instead of pooling, the Reptile paper's network) or "
+                     "resnet12 (64-160-320-640 channels)")
+    run.add_argument("--ways", type=_positive_int, help="classes per test episode (classification)")
     run.add_argument("--train-ways", type=_positive_int, help="classes per training episode or pre-training batch (protonet, matchingnet, baseline; default: --ways)")
     run.add_argument("--shots", type=_positive_int, help="support examples per class")
     run.add_argument("--queries", type=_positive_int, help="query examples per class in training episodes")
@@ -123,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--meta-batch", type=_positive_int, help="tasks per outer step")
     run.add_argument("--iterations", type=_positive_int, help="outer steps")
     run.add_argument("--eval-episodes", type=_positive_int, help="fixed test episodes (>= 2)")
-    run.add_argument("--data-root", help="folder holding omniglot/ (default: $FASTADAPT_DATA)")
+    run.add_argument("--data-root", help="folder holding omniglot/, mnist/, mini-imagenet/ (default: $FASTADAPT_DATA)")
+    run.add_argument("--image-size", type=_positive_int, help="folder datasets: decode images at this size (default: "
+                     "their own; mini-imagenet 84)")
+    run.add_argument("--channels", type=int, choices=(1, 3), help="folder datasets: 1 (grey) or 3 (RGB)")
     run.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and training episodes")
     run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
     run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
@@ -158,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)
     ev.add_argument("--episodes", type=_positive_int, default=1000, help="test episodes (default 1000)")
+    ev.add_argument("--dataset", type=_dataset, help="test on this dataset's test split instead (cross-domain; "
+                    f"{', '.join(DATASETS)}); its inputs must have the model's shape")
     ev.add_argument("--ways", type=_positive_int)
     ev.add_argument("--shots", type=_positive_int)
     ev.add_argument("--queries", type=_positive_int)
@@ -181,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace) -> Config:
-    values = dict(RUN_DEFAULTS[args.dataset])
-    values.update(ALGORITHM_DEFAULTS.get((args.dataset, args.algo), {}))
+    defaults = args.dataset if args.dataset in RUN_DEFAULTS else "omniglot"  # any image dataset: Omniglot's
+    values = dict(RUN_DEFAULTS[defaults])
+    values.update(ALGORITHM_DEFAULTS.get((defaults, args.algo), {}))
     given = {_FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if v is not None and k not in ("command", "out")}
     if "inner_steps" in given and "eval_inner_steps" not in given:  # at least as many steps at test time
         # (MAML++'s per-step rates and BatchNorm weights exist for the training steps only)
@@ -249,13 +269,15 @@ def _dispatch(args: argparse.Namespace) -> None:
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
-                              threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers)
+                              threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers,
+                              dataset=args.dataset)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner steps" if result["inner_steps"] else "") + (
                 f", lambda {result['imaml_lambda']:g}" if "imaml_lambda" in result else "") + (
                 f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "")
-            print(f"{label}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
+            where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
+            print(f"{label}{where}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")
     elif args.command == "report":
         from .training.report import write_report

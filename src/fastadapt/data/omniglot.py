@@ -33,10 +33,7 @@ import json
 import logging
 import os
 import re
-import tempfile
 import types
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -50,6 +47,7 @@ from PIL import Image
 from torch import Tensor
 
 from fastadapt.data.datasets import ImageClassDataset
+from fastadapt.data.download import fetch, md5_of
 from fastadapt.data.paths import resolve_cache_dir, resolve_data_root
 from fastadapt.io import save_tensors
 
@@ -137,14 +135,6 @@ class OmniglotImages:
 # files: checksums, download, missing/corrupt archives
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _get_data_hint(info: OmniglotArchive) -> str:
     return (
         f"Pass root= (or --data-root on the command line) or set FASTADAPT_DATA to the folder that "
@@ -153,38 +143,18 @@ def _get_data_hint(info: OmniglotArchive) -> str:
 
 
 def _download(info: OmniglotArchive, dest: Path, base_url: str | None, verify: bool) -> None:
-    """Fetches one archive into a temp file beside `dest`, checks its md5, then renames it in place."""
-    base = (base_url or OMNIGLOT_BASE_URL).rstrip("/") + "/"
-    url = base + info.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    logger.info("downloading %s to %s", url, dest)
-    h = hashlib.md5(usedforsecurity=False)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                total = 0
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    h.update(block)
-                    total += len(block)
-                out.flush()
-                os.fsync(out.fileno())
-        except (urllib.error.URLError, OSError) as e:
-            raise OSError(
-                f"could not download Omniglot archive {url}: {e}. Download it by hand and place it at {dest}"
-            ) from e
-        got = h.hexdigest()
+    """Fetches one archive (`data.download.fetch`); with `verify`, refuses a file of another md5."""
+    url = (base_url or OMNIGLOT_BASE_URL).rstrip("/") + "/" + info.name
+
+    def known_checksum(path: Path) -> None:
+        got = md5_of(path)
         if verify and got not in info.md5s:
             raise ValueError(
                 f"downloaded {url} has md5 {got}, expected one of {', '.join(info.md5s)}; "
                 f"the file was discarded (not written to {dest}). Retry, or download it by hand from {info.url}"
             )
-        os.replace(tmp, dest)
-        logger.info("downloaded %s (%d bytes, md5 %s)", dest, total, got)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    fetch(url, dest, what="Omniglot archive", check=known_checksum)
 
 
 def _archive_md5(info: OmniglotArchive, path: Path, *, download: bool, base_url: str | None, verify: bool) -> str:
@@ -193,7 +163,7 @@ def _archive_md5(info: OmniglotArchive, path: Path, *, download: bool, base_url:
         if not download:
             raise FileNotFoundError(f"Omniglot archive not found: {path}. {_get_data_hint(info)}.")
         _download(info, path, base_url, verify)
-    md5 = _md5(path)
+    md5 = md5_of(path)
     if verify and md5 not in info.md5s:
         raise ValueError(
             f"Omniglot archive {path} has md5 {md5}, which is not a known checksum of {info.name} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import numpy as np
@@ -195,13 +196,33 @@ def _class_index(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.n
     return classes, np.split(order, np.cumsum(counts)[:-1]), counts
 
 
+_scanned_labels: "weakref.WeakKeyDictionary[Any, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
 def _labels_of(dataset: Any) -> np.ndarray:
-    labels = getattr(dataset, "labels", None)
+    """Every item's label without decoding an item where the dataset says them: `.labels`, else
+    `.targets` (torchvision's convention); else one pass over the items, remembered per dataset."""
+    labels = next((getattr(dataset, name) for name in ("labels", "targets") if getattr(dataset, name, None) is not None),
+                  None)
     if labels is None:
-        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+        try:
+            return _scanned_labels[dataset]
+        except (KeyError, TypeError):
+            labels = _checked_labels(dataset, [int(dataset[i][1]) for i in range(len(dataset))])
+        try:
+            _scanned_labels[dataset] = labels
+        except TypeError:  # not weak-referenceable: scanned again next time
+            pass
+        return labels
+    return _checked_labels(dataset, labels)
+
+
+def _checked_labels(dataset: Any, labels: Any) -> np.ndarray:
     labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"dataset labels must be a non-empty 1-d sequence, got shape {labels.shape}")
+    if len(labels) != len(dataset):
+        raise ValueError(f"the dataset's labels (.labels / .targets) number {len(labels)}, but it has {len(dataset)} items")
     return labels
 
 

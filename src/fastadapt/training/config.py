@@ -18,14 +18,15 @@ import yaml
 
 from ..algorithms.mamlpp import MSL_ITERATIONS
 from ..algorithms.reptile import INNER_STATES
+from ..data.registry import DataOptions, dataset_info
 
 __all__ = ["Config", "ConfigError", "load_recipe", "saved_config", "parse_overrides", "ALGORITHMS", "DATASETS",
            "DEVICE_PATTERN"]
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
               "matchingnet")
-DATASETS = ("omniglot", "sinusoid")
-BACKBONES = ("conv4", "conv4-strided", "mlp")  # conv4-strided: Conv4(pooling="stride")
+DATASETS = ("omniglot", "mnist", "mini-imagenet", "folder:PATH", "sinusoid")  # data.registry
+BACKBONES = ("conv4", "conv4-strided", "resnet12", "mlp")  # conv4-strided: Conv4(pooling="stride")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -59,7 +60,13 @@ class Config:
     algorithm: str = "maml"
     dataset: str = "sinusoid"
     data_root: str | None = None
+    # images of folder datasets are decoded at this size and channel count (null: the dataset's own;
+    # mini-imagenet: 84, RGB)
+    image_size: int | None = None
+    channels: int | None = None
     backbone: str = "mlp"
+    # resnet12: DropBlock rate after its last two blocks (0: none; MetaOptNet: 0.1)
+    drop_rate: float = 0.0
     ways: int = 5
     train_ways: int | None = None
     shots: int = 10
@@ -163,7 +170,12 @@ class Config:
     # -- derived ------------------------------------------------------------------------------
     @property
     def task(self) -> str:
-        return "regression" if self.dataset == "sinusoid" else "classification"
+        return "regression" if dataset_info(self.dataset)[0].regression else "classification"
+
+    def data_options(self) -> DataOptions:
+        """How the dataset is read (`data.registry.DataOptions`): root, image size, channels, validation."""
+        return DataOptions(root=self.data_root, image_size=self.image_size, channels=self.channels,
+                           validation=self.validation_characters)
 
     @property
     def effective_train_ways(self) -> int:
@@ -205,7 +217,10 @@ class Config:
 
     def _check_values(self) -> None:
         _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("dataset", self.dataset, DATASETS)
+        try:
+            dataset_info(self.dataset)
+        except ValueError as e:
+            raise ConfigError(f"dataset: {e}") from None
         _choice("backbone", self.backbone, BACKBONES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
@@ -217,6 +232,10 @@ class Config:
         for key in ("ways", "shots", "queries", "eval_queries", "inner_steps", "meta_batch", "iterations",
                     "log_every", "checkpoint_every", "schedule_step", "cg_steps", "keep_best", "task_workers"):
             _at_least(key, getattr(self, key), 1)
+        if self.image_size is not None:
+            _at_least("image_size", self.image_size, 16, "(Conv4's four 2x2 poolings)")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or null (the dataset's own), got {self.channels!r}")
         for key in ("train_ways", "eval_inner_steps", "threads"):
             if getattr(self, key) is not None:
                 _at_least(key, getattr(self, key), 1)
@@ -250,16 +269,20 @@ class Config:
                               f"not {self.algorithm!r}")
         self._check_mamlpp()
         self._check_reptile_matching()
+        if not 0 <= self.drop_rate < 1:
+            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.drop_rate and self.backbone != "resnet12":
+            raise ConfigError(f"drop_rate (DropBlock) applies to backbone resnet12, not {self.backbone!r}")
         if not 0 < self.schedule_gamma <= 1:
             raise ConfigError(f"schedule_gamma must be in (0, 1], got {self.schedule_gamma!r}")
-        expected = ("mlp",) if self.dataset == "sinusoid" else ("conv4", "conv4-strided")
+        expected = ("mlp",) if self.task == "regression" else ("conv4", "conv4-strided", "resnet12")
         if self.backbone not in expected:
             raise ConfigError(f"backbone {self.backbone!r} does not fit dataset {self.dataset!r}; use backbone: "
                               f"{' or '.join(expected)}")
-        if self.dataset == "sinusoid" and self.algorithm in ("protonet", "baseline", "matchingnet"):
-            raise ConfigError(f"algorithm {self.algorithm!r} needs a classification dataset; 'sinusoid' is regression "
-                              "(use dataset: omniglot, --dataset omniglot)")
-        if self.dataset == "omniglot" and self.ways < 2:
+        if self.task == "regression" and self.algorithm in ("protonet", "baseline", "matchingnet"):
+            raise ConfigError(f"algorithm {self.algorithm!r} needs a classification dataset; {self.dataset!r} is "
+                              "regression (use dataset: omniglot, --dataset omniglot)")
+        if self.task == "classification" and self.ways < 2:
             raise ConfigError(f"ways must be >= 2 for classification, got {self.ways}")
         if self.train_ways not in (None, self.ways) and self.algorithm not in ("protonet", "baseline", "matchingnet"):
             raise ConfigError(f"train_ways={self.train_ways} differs from ways={self.ways}: only protonet, matchingnet "
@@ -358,9 +381,9 @@ _TYPES: dict[str, type] = {
     "imaml_lambda": float, "eval_imaml_lambda": float, "imaml_proximal": str, "cg_damping": float,
     "inner_optimizer": str, "head": str,
     "per_step_inner_lr": bool, "per_step_bn_weights": bool, "per_step_bn_statistics": bool, "min_meta_lr": float,
-    "meta_momentum": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
+    "meta_momentum": float, "drop_rate": float, "fce": bool, "similarity": str, "device": str, "inner_state": str,
 }
-_OPTIONAL = {"name", "data_root", "train_ways", "eval_inner_steps", "threads", "eval_imaml_lambda",
+_OPTIONAL = {"name", "data_root", "image_size", "channels", "train_ways", "eval_inner_steps", "threads", "eval_imaml_lambda",
              "per_step_inner_lr", "multi_step_loss_iterations", "per_step_bn_weights",
              "train_shots", "meta_momentum", "inner_batch", "eval_inner_batch"}
 for _f in fields(Config):

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..algorithms import ANIL, FOMAML, IMAML, MAML, Baseline, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet, Reptile
-from ..data import ClassBatchSampler, DeviceTasks, EpisodeSampler, SinusoidTasks, TaskSource
-from ..nn import MLP, Conv4
+from ..algorithms import (ANIL, FOMAML, IMAML, MAML, Baseline, Learner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet,
+                          Reptile)
+from ..data import ClassBatchSampler, DeviceTasks, EpisodeSampler, TaskSource
+from ..data.registry import dataset_info, dataset_splits, get_tasksets
+from ..nn import MLP, Conv4, ResNet12
 from .config import Config, ConfigError
 
-__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes", "resolve_device"]
+__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes", "input_shape",
+           "resolve_device"]
 
 _GRADIENT_LEARNERS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "maml++": MAMLPlusPlus}
 
-# Sinusoid validation and test tasks come from seeds far from any training seed.
-_SINUSOID_VALIDATION_SEED = 20_000
-_SINUSOID_TEST_SEED = 10_000
 # Omniglot's standard split (data.omniglot.omniglot_splits): 1200 meta-training characters, each
 # at 4 rotations; validation characters are carved out of them. Baseline's global head needs the
 # class count before any data is read (evaluation rebuilds the learner from the config alone).
@@ -27,13 +27,28 @@ _OMNIGLOT_TRAIN_CHARACTERS, _OMNIGLOT_ROTATIONS = 1200, 4
 
 
 def baseline_classes(config: Config) -> int:
-    """Classes of Baseline's pre-training head: Omniglot's meta-training classes under `config`.
+    """Classes of Baseline's pre-training head: the meta-training classes of `config`'s dataset
+    (Omniglot: counted from its split without reading data; others: from the training split).
 
     Example:
         >>> baseline_classes(Config(algorithm="baseline", dataset="omniglot", backbone="conv4"))
         4800
     """
-    return _OMNIGLOT_ROTATIONS * (_OMNIGLOT_TRAIN_CHARACTERS - config.validation_characters)
+    if config.dataset == "omniglot":
+        return _OMNIGLOT_ROTATIONS * (_OMNIGLOT_TRAIN_CHARACTERS - config.validation_characters)
+    return dataset_splits(config.dataset, config.data_options())["train"].num_classes
+
+
+def input_shape(config: Config, dataset: str | None = None) -> tuple[int, ...]:
+    """The shape of one input of `dataset` (default: the run's) read with `config`'s data options.
+
+    Example:
+        >>> input_shape(Config(dataset="mnist", backbone="conv4"))
+        (1, 28, 28)
+    """
+    spec = dataset or config.dataset
+    info, argument = dataset_info(spec)
+    return info.input_shape(argument, config.data_options())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,13 +73,13 @@ def resolve_device(name: str) -> torch.device:
 class Experiment:
     """The learner and the task sources of one run."""
 
-    learner: nn.Module
+    learner: Learner
     train: TaskSource
     validation: TaskSource | None
     test: TaskSource
 
 
-def build_learner(config: Config) -> nn.Module:
+def build_learner(config: Config) -> Learner:
     """A freshly initialised learner on `config.device` (weights from `torch.manual_seed(config.seed)`,
     drawn on the CPU: the same initial weights on every device).
 
@@ -76,15 +91,19 @@ def build_learner(config: Config) -> nn.Module:
     return _new_learner(config).to(device)
 
 
-def _new_learner(config: Config) -> nn.Module:
+def _new_learner(config: Config) -> Learner:
     torch.manual_seed(config.seed)
     if config.backbone == "mlp":
         model: nn.Module = MLP(1, [40, 40], 1)
     else:
-        pooling = "stride" if config.backbone == "conv4-strided" else "max"
-        # Baseline: ordinary BatchNorm (eval-mode embeddings), as Chen et al.
-        model = Conv4.omniglot(ways=None if config.algorithm in ("protonet", "matchingnet", "baseline") else config.ways,
-                               track_running_stats=config.algorithm == "baseline", pooling=pooling)
+        channels, size, _ = input_shape(config)
+        ways = None if config.algorithm in ("protonet", "matchingnet", "baseline") else config.ways
+        running = config.algorithm == "baseline"  # Baseline: ordinary BatchNorm (eval-mode embeddings), as Chen et al.
+        if config.backbone == "resnet12":
+            model = ResNet12(channels, ways, track_running_stats=running, drop_rate=config.drop_rate)
+        else:  # the literature's Conv4: 64 filters on grey characters and digits, 32 on colour images
+            model = Conv4(channels, ways, hidden=64 if channels == 1 else 32, image_size=size,
+                          track_running_stats=running, pooling="stride" if config.backbone == "conv4-strided" else "max")
     if config.algorithm == "protonet":
         return ProtoNet(model, precision=config.precision)
     if config.algorithm == "matchingnet":
@@ -109,20 +128,39 @@ def _new_learner(config: Config) -> nn.Module:
                                                 **config.mamlpp_options())
 
 
-def _omniglot_splits(config: Config) -> dict[str, Any]:
-    from ..data.omniglot import omniglot_splits
-
-    return omniglot_splits(config.data_root, validation_characters=config.validation_characters)
-
-
-def test_source(config: Config, ways: int | None = None, shots: int | None = None,
-                queries: int | None = None, splits: dict[str, Any] | None = None) -> TaskSource:
-    """The fixed test episodes (seeded by `eval_seed`), optionally at other ways / shots / queries."""
+def test_source(config: Config, ways: int | None = None, shots: int | None = None, queries: int | None = None,
+                splits: dict[str, Any] | None = None, dataset: str | None = None) -> TaskSource:
+    """The fixed test episodes (seeded by `eval_seed`), optionally at other ways / shots / queries, or
+    from the test split of another `dataset` (cross-domain: its inputs must have the shape the
+    run's model takes, read at the run's `image_size` and `channels`)."""
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
-    if config.dataset == "sinusoid":
-        return _placed(config, SinusoidTasks(shots, queries, seed=_SINUSOID_TEST_SEED + config.eval_seed))
-    splits = splits or _omniglot_splits(config)
+    if dataset is not None and dataset != config.dataset:
+        _check_cross_domain(config, dataset)
+        return _placed(config, get_tasksets(dataset, ways, shots, queries, eval_seed=config.eval_seed,
+                                            options=replace(config.data_options(), validation=0)).test)
+    if config.task == "regression":
+        return _placed(config, get_tasksets(config.dataset, ways, shots, queries, eval_seed=config.eval_seed).test)
+    splits = splits or dataset_splits(config.dataset, config.data_options())
     return _placed(config, EpisodeSampler(splits["test"], ways, shots, queries, seed=config.eval_seed))
+
+
+def _check_cross_domain(config: Config, dataset: str) -> None:
+    """A run's model can be tested on `dataset` only if the task kind and the input shape agree."""
+    try:
+        info, _ = dataset_info(dataset)
+    except ValueError as e:
+        raise ConfigError(f"--dataset: {e}") from None
+    if info.regression or config.task == "regression":
+        raise ConfigError(f"a {config.task} run on {config.dataset!r} cannot be tested on {dataset!r} "
+                          f"({'regression' if info.regression else 'classification'}): the task kinds differ")
+    options = replace(config.data_options(), validation=0)
+    theirs = info.input_shape(dataset_info(dataset)[1], options)
+    ours = input_shape(config)
+    if theirs != ours:
+        raise ConfigError(f"the model of this run takes inputs of shape {'x'.join(map(str, ours))} (trained on "
+                          f"{config.dataset!r}); {dataset!r} gives {'x'.join(map(str, theirs))}. Cross-domain "
+                          f"evaluation needs inputs of the same shape (a folder dataset is decoded at the run's "
+                          f"image_size and channels)")
 
 
 def _placed(config: Config, source: TaskSource) -> TaskSource:
@@ -135,26 +173,33 @@ def _pretraining_batches(config: Config, dataset: Any) -> ClassBatchSampler:
     """Baseline's pre-training batches: `train_ways` classes x `train_shots` images each, global labels."""
     batches = ClassBatchSampler(dataset, config.effective_train_ways, config.effective_train_shots, seed=config.seed)
     if batches.num_classes != baseline_classes(config):
-        raise ValueError(f"the Omniglot training split has {batches.num_classes} classes, Baseline's head "
-                         f"{baseline_classes(config)} (1200 characters x 4 rotations, less validation, expected)")
+        raise ValueError(f"the {config.dataset} training split has {batches.num_classes} classes, Baseline's head "
+                         f"{baseline_classes(config)} (Omniglot: 1200 characters x 4 rotations, less validation)")
     return batches
 
 
 def build_experiment(config: Config) -> Experiment:
     """The learner and task sources for `config`; loads the dataset (errors name the missing files)."""
     learner = build_learner(config)
-    if config.dataset == "sinusoid":
-        train: TaskSource = SinusoidTasks(config.effective_train_shots, config.queries, seed=config.seed)
-        validation = SinusoidTasks(config.shots, config.eval_queries, seed=_SINUSOID_VALIDATION_SEED + config.eval_seed)
+    if config.task == "regression":
+        train = get_tasksets(config.dataset, config.ways, config.effective_train_shots, config.queries,
+                             seed=config.seed).train
+        validation = get_tasksets(config.dataset, config.ways, config.shots, config.eval_queries,
+                                  eval_seed=config.eval_seed).validation
         return Experiment(learner, _placed(config, train),
-                          _placed(config, validation) if config.validation_every else None, test_source(config))
-    splits = _omniglot_splits(config)
+                          _placed(config, validation) if config.validation_every and validation else None,
+                          test_source(config))
+    splits = dataset_splits(config.dataset, config.data_options())
     if config.algorithm == "baseline":
         train = _pretraining_batches(config, splits["train"])
     else:
         train = EpisodeSampler(splits["train"], config.effective_train_ways, config.effective_train_shots, config.queries,
                                seed=config.seed)
+    if config.validation_every and "validation" not in splits:
+        raise ConfigError(f"validation_every > 0, but dataset {config.dataset!r} has no validation split here: "
+                          "set validation_characters (the classes carved out of meta-training; characters on "
+                          "omniglot), e.g. 100")
     validation = (EpisodeSampler(splits["validation"], config.ways, config.shots, config.eval_queries, seed=config.eval_seed)
-                  if "validation" in splits else None)
+                  if "validation" in splits and config.validation_every else None)
     return Experiment(learner, _placed(config, train), None if validation is None else _placed(config, validation),
                       test_source(config, splits=splits))
