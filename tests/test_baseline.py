@@ -154,7 +154,7 @@ def test_bad_baseline_keys_are_refused(values, message):
     with pytest.raises(ConfigError) as error:
         Config.from_dict({"algorithm": "baseline", "dataset": "omniglot", "backbone": "conv4", **values})
     assert message in str(error.value)
-    with pytest.raises(ConfigError, match="head='cosine' applies to algorithm 'baseline'"):
+    with pytest.raises(ConfigError, match="head='cosine' applies to algorithm 'baseline', not 'maml'"):
         Config.from_dict({"algorithm": "maml", "head": "cosine"})
 
 
@@ -210,7 +210,7 @@ def test_recipe_trains_resumes_exactly_and_evaluates_at_other_ways(tmp_path):
 
 
 def test_recipes_cover_the_four_omniglot_settings_with_one_pretraining():
-    from fastadapt.training.config import load_recipe
+    from fastadapt.training.recipes import load_recipe
 
     configs = [load_recipe(RECIPES / "baseline" / f"omniglot-{w}w{s}s.yaml") for w, s in ((5, 1), (5, 5), (20, 1), (20, 5))]
     assert [(c.ways, c.shots) for c in configs] == [(5, 1), (5, 5), (20, 1), (20, 5)]

@@ -30,10 +30,13 @@ def test_run_on_sinusoid_writes_results_json(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--shots", "0"], "argument --shots: expected a positive integer, got 0"),
-        (["--inner-lr", "abc"], "argument --inner-lr: expected a positive number, got 'abc'"),
+        (["--shots", "0"], "argument --shots: expected an integer >= 1, got '0'"),
+        (["--inner-lr", "abc"], "argument --inner-lr: expected a number > 0, got 'abc'"),
         (["--algo", "mama"], "argument --algo: invalid choice: 'mama'"),
-        (["--eval-episodes", "1"], "eval_episodes must be >= 2, got 1"),
+        (["--eval-episodes", "1"], "argument --eval-episodes: expected an integer >= 2, got '1'"),
+        (["--dataset", "omniglott"], "argument --dataset: unknown dataset 'omniglott' (did you mean 'omniglot'?)"),
+        (["--channels", "2"], "argument --channels: invalid choice: 2 (choose from 1, 3)"),
+        (["--imaml-lambda", "3"], "imaml_lambda=3.0 applies to algorithm 'imaml', not 'maml'"),
         (["--algo", "protonet"], "algorithm 'protonet' needs a classification dataset"),
         (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
         (["--backbone", "conv4-strided"], "backbone 'conv4-strided' does not fit dataset 'sinusoid'; use backbone: mlp"),

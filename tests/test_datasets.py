@@ -331,3 +331,49 @@ def test_cached_images_keys_cover_the_decode_settings(tmp_path: Path, cache: Pat
     assert len(list((cache / "images").glob("*.safetensors"))) == 2
     assert hashlib.sha256(small.images.numpy().tobytes()).hexdigest() != hashlib.sha256(
         large.images.numpy().tobytes()).hexdigest()
+
+
+class LazyDigits(torch.utils.data.Dataset):
+    """A dataset that makes each 1x28x28 image in `__getitem__` (as a folder of files read from disk
+    would), its labels in `.targets`; `calls` counts the items made in this process."""
+
+    def __init__(self, classes: int = 12, per_class: int = 6) -> None:
+        self.targets = torch.arange(classes).repeat_interleave(per_class)
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        self.calls += 1
+        generator = torch.Generator().manual_seed(i)
+        image = torch.rand(1, 28, 28, generator=generator) * 0.3
+        image[0, 2 * int(self.targets[i]): 2 * int(self.targets[i]) + 3] += 0.7  # a class-specific band
+        return image, int(self.targets[i])
+
+
+def test_a_lazy_dataset_trains_the_same_with_data_loader_workers(tmp_path: Path) -> None:
+    import fastadapt
+    from fastadapt.data import DatasetInfo, register_dataset
+    from fastadapt.io import load_tensors
+
+    train_split, test_split = LazyDigits(), LazyDigits(classes=6)
+    register_dataset(DatasetInfo("lazy-digits", "made in __getitem__",
+                                 lambda argument, options: {"train": train_split, "test": test_split},
+                                 lambda argument, options: (1, 28, 28)))
+    config = {"dataset": "lazy-digits", "backbone": "conv4", "algorithm": "maml", "ways": 3, "shots": 1, "queries": 2,
+              "eval_queries": 2, "inner_lr": 0.4, "meta_batch": 4, "iterations": 6, "log_every": 2,
+              "checkpoint_every": 6, "eval_episodes": 4, "threads": 1}
+    weights, rows = {}, {}
+    for workers in (0, 2):
+        train_split.calls = 0
+        run = tmp_path / f"workers{workers}"
+        fastadapt.train({**config, "data_workers": workers}, run, progress=False)
+        drawn_here = train_split.calls
+        assert drawn_here == (6 * 4 * 3 * 3 if workers == 0 else 0)  # with workers, none is made in this process
+        weights[workers] = load_tensors(next((run / "checkpoints").glob("step-*.safetensors")))
+        rows[workers] = (run / "metrics.csv").read_text().splitlines()
+    assert weights[0].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    strip = [lambda line: line.rsplit(",", 2)[0]]  # tasks/s and elapsed time differ
+    assert [strip[0](r) for r in rows[0]] == [strip[0](r) for r in rows[2]]

@@ -34,7 +34,7 @@ def test_cli_refuses_an_unknown_device(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["run", "--device", "tpu"])
     assert stop.value.code == 2
-    assert "argument --device: expected cpu, cuda or cuda:N, got tpu" in capsys.readouterr().err
+    assert "argument --device: expected cpu, cuda or cuda:N (N a GPU index), got 'tpu'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error where torch sees no GPU")

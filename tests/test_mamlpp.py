@@ -23,7 +23,8 @@ from fastadapt.functional.rules import meta_gradients
 from fastadapt.functional.task_batched import task_batched_forward
 from fastadapt.nn import Conv4
 from fastadapt.training import evaluate_learner, meta_train
-from fastadapt.training.config import Config, ConfigError, load_recipe
+from fastadapt.training.config import Config, ConfigError
+from fastadapt.training.recipes import load_recipe
 from fastadapt.training.experiment import build_learner
 from fastadapt.training.trainer import learning_rate
 from meta_grad_helpers import assert_grads_close, engine_grads
@@ -314,7 +315,7 @@ def test_maml_plus_plus_config_defaults_and_errors():
     assert plain.inner_optimizer == "adam" and plain.per_step_lrs is None and not hasattr(plain, "iteration")
     for values, match in [
         ({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4", "multi_step_loss_iterations": 10},
-         "multi_step_loss_iterations apply to the MAML family"),
+         "multi_step_loss_iterations=10 applies to the MAML family"),
         ({"algorithm": "maml++", "dataset": "omniglot", "backbone": "conv4", "eval_inner_steps": 6, "inner_steps": 5},
          "eval_inner_steps=6 exceeds inner_steps=5"),
         ({"algorithm": "maml", "per_step_bn_statistics": True}, "need BatchNorm layers; backbone 'mlp'"),

@@ -247,11 +247,13 @@ def test_bad_options_are_refused_with_the_value_and_what_is_allowed():
         Reptile(MLP(), inner_optimizer="sgd", inner_state="persistent")
     with pytest.raises(ValueError, match="inner_state must be one of 'fresh', 'persistent', got 'kept'"):
         Reptile(MLP(), inner_state="kept")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="inner_state 'persistent' .* got algorithm 'maml' with inner_optimizer 'sgd'"):
+    with pytest.raises(ConfigError, match="inner_state='persistent' applies to algorithm 'reptile', not 'maml'"):
         Config.from_dict({"inner_state": "persistent"})
+    with pytest.raises(ConfigError, match="inner_state 'persistent' .* got inner_optimizer 'sgd'"):
+        Config.from_dict({"algorithm": "reptile", "inner_state": "persistent"})
     with pytest.raises(ConfigError, match="meta_momentum is the momentum of the outer SGD; optimizer is 'adam'"):
         Config.from_dict({"algorithm": "reptile", "meta_momentum": 0.0})
-    with pytest.raises(ConfigError, match="inner_batch .* only apply to algorithm 'reptile', not 'maml'"):
+    with pytest.raises(ConfigError, match="inner_batch=.* applies to algorithm 'reptile', not 'maml'"):
         Config.from_dict({"inner_batch": 10})
     with pytest.raises(ConfigError, match="schedule must be one of .*linear; got 'linaer'"):
         Config.from_dict({"schedule": "linaer"})

@@ -99,14 +99,14 @@ def test_task_workers_are_refused_where_they_cannot_apply(values, named):
         Config.from_dict({**omniglot, **values})
     assert named in str(error.value) and "Set task_workers: 1" in str(error.value)
     assert Config.from_dict({**omniglot, **values, "task_workers": 1}).task_workers == 1
-    with pytest.raises(ConfigError, match="task_workers must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="task_workers must be an integer >= 1, got 0"):
         Config.from_dict({**omniglot, "task_workers": 0})
 
 
 def test_cli_flags_name_a_bad_worker_count_and_refuse_a_sinusoid_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--task-workers", "0", "--out", str(tmp_path / "a")])
-    assert "argument --task-workers: expected a positive integer, got 0" in capsys.readouterr().err
+    assert "argument --task-workers: expected an integer >= 1, got '0'" in capsys.readouterr().err
     assert main(["run", "--algo", "protonet", "--task-workers", "2", "--out", str(tmp_path / "b")]) == 2
     assert "algorithm 'protonet'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

@@ -17,7 +17,8 @@ import torch
 import fastadapt
 from fastadapt.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, step_name,
                                           load_module_tensors, save_checkpoint)
-from fastadapt.training.config import Config, ConfigError, load_recipe
+from fastadapt.training.config import Config, ConfigError
+from fastadapt.training.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = dict(iterations=60, log_every=10, checkpoint_every=20, validation_every=20, validation_episodes=20,
@@ -204,15 +205,16 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     "override, message",
     [
         ("shotz=3", "unknown config key 'shotz' (did you mean 'shots'?)"),
-        ("shots=three", "shots must be an integer, got 'three' (str)"),
-        ("shots=0", "shots must be >= 1, got 0"),
+        ("shots=three", "shots must be an integer >= 1, got 'three' (str)"),
+        ("shots=0", "shots must be an integer >= 1, got 0"),
+        ("shots=2.0", "shots must be an integer >= 1, got 2.0 (float)"),
         ("algorithm=mama", "algorithm must be one of maml, fomaml, metasgd, anil, protonet, imaml, baseline, maml++, "
                            "reptile, matchingnet; got 'mama'"),
-        ("meta_lr=-1", "meta_lr must be > 0, got -1.0"),
+        ("meta_lr=-1", "meta_lr must be a number > 0, got -1 (int)"),
         ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
         ("precision=fp16", "precision must be one of fp32, bf16; got 'fp16'"),
         ("compile=yes please", "compile must be true or false, got 'yes please' (str)"),
-        ("cg_steps=3", "cg_steps apply to algorithm 'imaml', not 'maml'; leave them at their defaults"),
+        ("cg_steps=3", "cg_steps=3 applies to algorithm 'imaml', not 'maml'; leave it at its default (cg_steps: 5)"),
     ],
 )
 def test_recipe_errors_name_the_key_without_a_traceback(override, message, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -15,9 +16,10 @@ from .io import read_json, write_json
 from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
                                   load_module_tensors, ranked_validation_steps)
-from .training.config import Config, ConfigError, load_recipe, saved_config
+from .training.config import Config, ConfigError
 from .training.evaluate import evaluate_ensemble, evaluate_learner
 from .training.experiment import build_learner, test_source
+from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
 
 __all__ = ["train", "evaluate", "load", "resolve_config", "run_config", "default_run_dir"]
@@ -44,7 +46,12 @@ def run_config(run_dir: PathLike) -> Config:
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: config.json is missing")
-    return saved_config(read_json(saved), saved)
+    try:
+        values = read_json(saved)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{saved} is truncated or not JSON ({error}); it is the run's config: restore it "
+                              "from a copy, or start the run again in a new folder") from None
+    return saved_config(values, saved)
 
 
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,

@@ -13,101 +13,60 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin
+
+import yaml
+from pydantic import ValidationError
 
 from . import __version__
 from .api import default_run_dir, evaluate, resolve_config, run_config, train
-from .data.registry import dataset_info
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
-from .training.config import (ALGORITHMS, BACKBONES, DATASETS, DEVICE_PATTERN, IMAML_PROXIMAL, Config, ConfigError,
-                              parse_overrides)
+from .training.config import SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
+from .training.recipes import parse_overrides, run_recipe
 
 __all__ = ["main", "build_parser"]
 
-# `fastadapt run` defaults, per dataset and then per algorithm, for every flag left unset: the
-# settings behind docs/results.md. Omniglot MAML follows Finn et al. 2017 and learn2learn's
-# example (one inner step of 0.4, meta-batch 32, one query per class in training, three inner
-# steps at test); ProtoNet follows Snell et al. 2017 in training with more ways (20) than tested.
-RUN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sinusoid": dict(backbone="mlp", shots=10, queries=10, eval_queries=100, inner_steps=1, inner_lr=0.01,
-                     meta_lr=1e-3, meta_batch=25, iterations=10000, eval_episodes=1000),
-    "omniglot": dict(backbone="conv4", ways=5, shots=1, queries=1, eval_queries=15, inner_steps=1,
-                     eval_inner_steps=3, inner_lr=0.4, meta_lr=3e-3, meta_batch=32, iterations=1050,
-                     eval_episodes=1000),
-}
-ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("omniglot", "protonet"): dict(train_ways=20, queries=5, meta_lr=1e-3, meta_batch=1, iterations=2500),
-    # MAML++: the released Omniglot configs (recipes/mamlpp/), but the run's short budget
-    # (the multi-step loss over the first 10% of the iterations, as 10 of the configs' 100 epochs)
-    ("omniglot", "maml++"): dict(inner_steps=5, eval_inner_steps=5, inner_lr=0.1, meta_lr=1e-3, meta_batch=16,
-                                 schedule="cosine", min_meta_lr=1e-5, multi_step_loss_iterations=105),
-    # Reptile: the paper's 5-way Omniglot settings (recipes/reptile/), but the run's short budget and the
-    # max-pooling Conv4 (the recipes use the paper's strided network: --backbone conv4-strided); on
-    # sinusoids serial Reptile with 32 inner SGD steps, as the paper's sine-wave demonstration
-    ("omniglot", "reptile"): dict(train_shots=10, queries=1, inner_optimizer="adam", inner_lr=1e-3, inner_steps=5,
-                                  inner_batch=10, eval_inner_steps=50, eval_inner_batch=5, inner_state="persistent",
-                                  optimizer="sgd", meta_momentum=0.0, meta_lr=1.0, schedule="linear", meta_batch=5,
-                                  # 50 inner steps per test episode: ~0.35 s each on 1 core
-                                  iterations=500, eval_episodes=500),
-    ("sinusoid", "reptile"): dict(inner_steps=32, eval_inner_steps=32, optimizer="sgd", meta_momentum=0.0,
-                                  meta_lr=1.0, schedule="linear", meta_batch=1, iterations=3000),
-    # Matching Networks: trained on test-like episodes (5-way), ProtoNet's queries, Adam and budget
-    ("omniglot", "matchingnet"): dict(queries=5, meta_lr=1e-3, meta_batch=1, iterations=2500),
-    # iMAML: the recipes' inner problem and damped system (recipes/imaml/: inner SGD 0.1, lambda 2,
-    # 5 CG steps, damping 22 from the authors' code), 5 inner steps instead of 16 and the short
-    # budget; baseline: Chen et al.'s pre-training (batches of 16, Adam 1e-3) for 1 epoch instead of 5
-    ("omniglot", "imaml"): dict(inner_steps=5, eval_inner_steps=5, inner_lr=0.1, imaml_lambda=2.0, cg_steps=5,
-                                cg_damping=22.0, meta_lr=3e-3, meta_batch=8, iterations=250),
-    ("omniglot", "baseline"): dict(train_ways=16, train_shots=1, meta_lr=1e-3, meta_batch=1, iterations=6000),
-    # iMAML on sinusoids (no published setting; ours, measured in docs/methods/imaml.md): MAML's step
-    # size over 10 inner steps with a weak proximal term, 10,000 tasks
-    ("sinusoid", "imaml"): dict(inner_steps=10, eval_inner_steps=10, inner_lr=0.01, imaml_lambda=0.5, meta_batch=10,
-                                iterations=1000),
-}
-# flag name (argparse dest) -> config key, where they differ
-_FLAG_KEYS = {"algo": "algorithm"}
+# config keys whose flag is spelled otherwise than `--key-name`
+_FLAG_NAMES = {"algorithm": "--algo"}
 
 
-def _checked(cast: type, accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    """An argparse type: `cast` the text, then require `accept(value)`; errors say what was expected."""
+def _flag_type(key: str) -> Callable[[str], Any]:
+    """The argparse type of a config key's flag: the text read as the key's type, then checked
+    against the key's range in the schema; an error says what the key allows."""
+    kind = key_kind(key)
+    cast = type(get_args(kind)[0]) if get_origin(kind) is Literal else kind
+    check = field_check(key)
 
     def parse(text: str) -> Any:
         try:
-            value = cast(text)
+            return check.validate_python(cast(text))
+        except ValidationError as error:
+            cause = (error.errors()[0].get("ctx") or {}).get("error")
+            why = str(cause) if isinstance(cause, ConfigError) else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
+            why = None
+        raise argparse.ArgumentTypeError(why or f"expected {describe_expected(key, null=False)}, got {text!r}")
 
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-
-
-def _dataset(text: str) -> str:
-    """An argparse type: a registered dataset (`data.registry`), else the error names the known ones."""
-    try:
-        dataset_info(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-_positive_float = _checked(float, lambda v: v > 0, "a positive number")
-_non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-_seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_device = _checked(str, lambda v: re.fullmatch(DEVICE_PATTERN, v) is not None, "cpu, cuda or cuda:N")
-_DEVICE_HELP = "where the learner and episodes live: cpu, cuda or cuda:N"
-_TASK_WORKERS_HELP = ("MAML family and imaml on conv4, CPU: train this many tasks (task groups) and evaluate "
-                      "this many episode batches at once, one thread each (a --threads 1 run's numbers; "
-                      "faster on 2+ cores, more memory)")
+def _add_key_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, key: str, help: str | None = None) -> None:
+    """A flag for config key `key`, its type, choices and help from the schema; unset is None."""
+    field = Config.model_fields[key]
+    kind = key_kind(key)
+    flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+    text = help or field.description
+    if kind is bool:
+        parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
+    elif get_origin(kind) is Literal:
+        choices = get_args(kind)
+        parser.add_argument(flag, dest=key, type=type(choices[0]), choices=choices, help=text)
+    else:
+        parser.add_argument(flag, dest=key, type=_flag_type(key), metavar=key.upper(), help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,48 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastadapt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="meta-train, then evaluate on fixed test episodes",
-                              description="Meta-train, then evaluate on fixed test episodes. Unset flags take the "
-                              "defaults of the dataset and algorithm (RUN_DEFAULTS in fastadapt/cli.py), the "
-                              "settings behind docs/results.md.")
-    run.add_argument("--algo", choices=ALGORITHMS, default="maml")
-    run.add_argument("--dataset", type=_dataset, default="sinusoid",
-                     help=f"{', '.join(DATASETS)} (default sinusoid; data under --data-root)")
-    run.add_argument("--backbone", choices=BACKBONES, help="mlp (sinusoid), conv4 (image datasets, max-pooling), "
-                     "conv4-strided (stride-2 convolutions instead of pooling, the Reptile paper's network) or "
-                     "resnet12 (64-160-320-640 channels)")
-    run.add_argument("--ways", type=_positive_int, help="classes per test episode (classification)")
-    run.add_argument("--train-ways", type=_positive_int, help="classes per training episode or pre-training batch (protonet, matchingnet, baseline; default: --ways)")
-    run.add_argument("--shots", type=_positive_int, help="support examples per class")
-    run.add_argument("--queries", type=_positive_int, help="query examples per class in training episodes")
-    run.add_argument("--eval-queries", type=_positive_int, help="query examples per class in test episodes")
-    run.add_argument("--inner-steps", type=_positive_int, help="inner optimizer steps (training)")
-    run.add_argument("--eval-inner-steps", type=_positive_int, help="inner optimizer steps at test time")
-    run.add_argument("--inner-lr", type=_positive_float)
-    run.add_argument("--meta-lr", type=_positive_float, help="learning rate of the outer optimizer (Adam; SGD for reptile); a default cosine floor (maml++) keeps its ratio to it")
-    run.add_argument("--meta-batch", type=_positive_int, help="tasks per outer step")
-    run.add_argument("--iterations", type=_positive_int, help="outer steps")
-    run.add_argument("--eval-episodes", type=_positive_int, help="fixed test episodes (>= 2)")
-    run.add_argument("--data-root", help="folder holding omniglot/, mnist/, mini-imagenet/ (default: $FASTADAPT_DATA)")
-    run.add_argument("--image-size", type=_positive_int, help="folder datasets: decode images at this size (default: "
-                     "their own; mini-imagenet 84)")
-    run.add_argument("--channels", type=int, choices=(1, 3), help="folder datasets: 1 (grey) or 3 (RGB)")
-    run.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and training episodes")
-    run.add_argument("--eval-seed", type=_seed, default=0, help="seed of the test episodes (shared by all runs)")
-    run.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
-    run.add_argument("--task-workers", type=_positive_int, help=_TASK_WORKERS_HELP + " (default 1)")
-    run.add_argument("--precision", choices=("fp32", "bf16"),
-                     help="bf16: bf16 autocast, float32 weights and meta-gradients (default fp32)")
-    run.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default cpu)")
-    run.add_argument("--head", choices=("linear", "cosine"), help="baseline: linear (Baseline) or cosine (Baseline++)")
-    run.add_argument("--imaml-lambda", type=_positive_float, help="imaml: strength of the proximal term")
-    run.add_argument("--cg-steps", type=_positive_int, help="imaml: conjugate-gradient iterations")
-    run.add_argument("--imaml-proximal", choices=IMAML_PROXIMAL,
-                     help="imaml: the proximal term in every inner step (the paper; default) or one pull-back "
-                          "step after plain steps (the authors' code)")
-    run.add_argument("--eval-imaml-lambda", type=_non_negative_float,
-                     help="imaml: proximal strength at test time (default: --imaml-lambda; 0: plain fine-tuning)")
+    run = commands.add_parser(
+        "run", help="meta-train, then evaluate on fixed test episodes",
+        usage="fastadapt run [--algo ALGO] [--dataset DATASET] [--KEY VALUE ...] [--out DIR] [--print-config] "
+        "(--help lists a flag for every config key)",
+        description="Meta-train, then evaluate on fixed test episodes. One flag per config key; unset flags "
+        "take the built-in recipe's values for the dataset and algorithm (fastadapt/training/run.yaml), the settings behind "
+        "docs/results.md, else the schema's defaults (fastadapt/training/config.py). --print-config shows the "
+        "result.")
     run.add_argument("--out", type=Path, help="run directory (default: runs/run-<date>-<time>)")
+    run.add_argument("--print-config", action="store_true", help="print the config these flags give, as a recipe "
+                     "(YAML), and exit")
+    for section in SECTIONS:
+        group = run.add_argument_group(section.title + (f" (for {', '.join(section.applies_to)})"
+                                                        if section.applies_to else ""))
+        for key in section.model_fields:
+            _add_key_flag(group, key)
 
     recipe = commands.add_parser("train", help="meta-train and test from a YAML recipe",
                                  description="Meta-train and test from a YAML recipe (see recipes/).")
@@ -165,31 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one recipe key, e.g. --set shots=5 (repeatable)")
     recipe.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
     recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    recipe.add_argument("--device", type=_device,
-                        help=_DEVICE_HELP + " (default: the recipe's); with --resume, where the run continues")
-    recipe.add_argument("--threads", type=_positive_int,
-                        help="torch intra-op threads (default: the recipe's); with --resume, for this resumed process")
-    recipe.add_argument("--task-workers", type=_positive_int,
-                        help=_TASK_WORKERS_HELP + " (default: the recipe's); with --resume, for this resumed process")
+    for key in ("device", "threads", "task_workers"):  # where and how fast, not what: a resumed run may change them
+        _add_key_flag(recipe, key, f"{Config.model_fields[key].description} (default: the recipe's; with --resume, "
+                      "for this resumed process)")
 
     ev = commands.add_parser("eval", help="evaluate a trained run on fixed test episodes")
     ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--episodes", type=_positive_int, default=1000, help="test episodes (default 1000)")
-    ev.add_argument("--dataset", type=_dataset, help="test on this dataset's test split instead (cross-domain; "
-                    f"{', '.join(DATASETS)}); its inputs must have the model's shape")
-    ev.add_argument("--ways", type=_positive_int)
-    ev.add_argument("--shots", type=_positive_int)
-    ev.add_argument("--queries", type=_positive_int)
-    ev.add_argument("--inner-steps", type=_positive_int, nargs="+", help="one or more inner step counts")
-    ev.add_argument("--device", type=_device, help=_DEVICE_HELP + " (default: the run's)")
-    ev.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: the run's)")
-    ev.add_argument("--task-workers", type=_positive_int,
-                    help="MAML family and imaml on conv4, CPU: evaluate this many batches of episodes at once, one "
-                         "thread each (a one-thread evaluation's numbers; default: the run's)")
-    ev.add_argument("--imaml-lambda", type=_non_negative_float, metavar="LAMBDA",
+    ev.add_argument("--episodes", type=_flag_type("eval_episodes"), default=1000, help="test episodes (default 1000)")
+    _add_key_flag(ev, "dataset", "test on this dataset's test split instead (cross-domain; omniglot, mnist, "
+                  "mini-imagenet, folder:PATH); its inputs must have the model's shape")
+    for key in ("ways", "shots"):
+        _add_key_flag(ev, key, f"{Config.model_fields[key].description} (default: the run's)")
+    ev.add_argument("--queries", type=_flag_type("eval_queries"), help="query examples per class (default: the run's)")
+    ev.add_argument("--inner-steps", type=_flag_type("inner_steps"), nargs="+", help="one or more inner step counts")
+    for key in ("device", "threads", "task_workers"):
+        _add_key_flag(ev, key, f"{Config.model_fields[key].description} (default: the run's)")
+    ev.add_argument("--imaml-lambda", type=_flag_type("eval_imaml_lambda"), metavar="LAMBDA",
                     help="iMAML runs: proximal strength of the test-time inner problem (default: the run's; "
                          "0: plain fine-tuning, the authors' measure_accuracy.py)")
-    ev.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+    ev.add_argument("--ensemble", type=_flag_type("keep_best"), default=1, metavar="K",
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
 
@@ -200,19 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace) -> Config:
-    defaults = args.dataset if args.dataset in RUN_DEFAULTS else "omniglot"  # any image dataset: Omniglot's
-    values = dict(RUN_DEFAULTS[defaults])
-    values.update(ALGORITHM_DEFAULTS.get((defaults, args.algo), {}))
-    given = {_FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if v is not None and k not in ("command", "out")}
-    if "inner_steps" in given and "eval_inner_steps" not in given:  # at least as many steps at test time
-        # (MAML++'s per-step rates and BatchNorm weights exist for the training steps only)
-        given["eval_inner_steps"] = (given["inner_steps"] if args.algo == "maml++"
-                                     else max(given["inner_steps"], values.get("eval_inner_steps", 1)))
-    if "min_meta_lr" in values and "meta_lr" in given:  # a default cosine floor keeps its ratio to the rate
-        values["min_meta_lr"] *= given["meta_lr"] / values["meta_lr"]
-    values = {**values, **given}
-    values["log_every"] = max(1, values["iterations"] // 20)
-    return Config.from_dict(values)
+    """`fastadapt run`'s config: the built-in recipe, then the flags set."""
+    return run_recipe({key: value for key, value in vars(args).items()
+                       if key in Config.model_fields and value is not None})
 
 
 def _printer(config: Config) -> Callable[[dict[str, Any]], None]:
@@ -251,8 +168,11 @@ def _train(config: Config | None, run_dir: Path, resume: bool, device: str | Non
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
-        out = args.out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-        _train(_run_config(args), out, resume=False)
+        config = _run_config(args)
+        if args.print_config:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            return
+        _train(config, args.out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"), resume=False)
     elif args.command == "train":
         if args.resume is not None:
             if args.recipe is not None or args.overrides:

@@ -27,11 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..data.loading import task_batches
 from ..io import atomic_path, write_json
 from .checkpoint import (CheckpointError, keep_top_checkpoints, latest_checkpoint, load_checkpoint,
                          load_module_tensors, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
                          ranked_validation_steps, save_checkpoint, step_name)
-from .config import Config, ConfigError, saved_config
+from .config import EXECUTION_KEYS, Config, ConfigError
+from .recipes import saved_config
 from .evaluate import Estimate, evaluate_learner
 from .experiment import Experiment, build_experiment
 
@@ -75,9 +77,9 @@ def _optimizer(config: Config, parameters: Any) -> torch.optim.Optimizer:
 
 
 def _result_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The config keys a result depends on: all but where and on how many threads it runs (a run
-    resumes on another device, or with another thread count or number of task workers)."""
-    return {k: v for k, v in config.items() if k not in ("device", "threads", "task_workers")}
+    """The config keys a result depends on: all but where and on how many threads and processes it
+    runs (`EXECUTION_KEYS`: a run resumes on another device, or with other counts)."""
+    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
 
 
 def _git(*args: str) -> str | None:
@@ -149,13 +151,17 @@ class Trainer:
         window: dict[str, list[Tensor]] = state.pop("window")
         window_start, window_tasks = time.perf_counter(), 0
         bar = self._bar(state["step"])
+        # task batch k holds episodes k*meta_batch ... (k+1)*meta_batch-1: the same for any data_workers
+        batches = task_batches(experiment.train, config.meta_batch, state["step"], config.iterations - state["step"],
+                               config.data_workers)
         try:
-            while state["step"] < config.iterations and not state["stopped_early"]:
+            for batch in batches:
+                if state["stopped_early"]:
+                    break
                 step = state["step"] + 1
                 lr = learning_rate(config, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = experiment.train.task_batch((step - 1) * config.meta_batch, config.meta_batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss, metrics = learner.meta_loss(batch)
                 loss.backward()
@@ -182,6 +188,7 @@ class Trainer:
                     bar.update(1)
                 window_start = time.perf_counter() if not window else window_start
         finally:
+            batches.close()  # stops the workers of a run that ends early
             if bar is not None:
                 bar.close()
 
@@ -255,7 +262,11 @@ class Trainer:
     def _start_run_dir(self) -> None:
         if self.checkpoints.exists() and any(self.checkpoints.glob("*.json")):
             raise ConfigError(f"{self.run_dir} already holds a run; resume it with --resume or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"the run directory {self.run_dir} (--out) is a file or lies under one; give a folder "
+                              "that is new or holds no run") from None
         write_json(self.run_dir / "config.json", self.config.to_dict())
         write_json(self.run_dir / "environment.json", {
             "fastadapt": __version__, "torch": torch.__version__, "python": platform.python_version(),
