@@ -106,7 +106,7 @@ def test_eval_command_ensemble_and_threads_flags(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastadapt.cli", "eval", str(run), "--episodes", "4",
                            "--ensemble", "2", "--threads", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "10-shot, 1 inner steps, ensemble of the 2 best checkpoints: mse" in done.stdout
+    assert "10-shot, 1 inner step, ensemble of the 2 best checkpoints: mse" in done.stdout
     refused = subprocess.run([sys.executable, "-m", "fastadapt.cli", "eval", str(run), "--ensemble", "7"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "an ensemble of 7 needs 7 validations" in refused.stderr and "Traceback" not in refused.stderr

@@ -177,7 +177,7 @@ def test_eval_command_other_shots_and_inner_steps(tmp_path):
     fastadapt.train({**SMALL, "validation_every": 0}, run, progress=False)
     done = _cli("eval", str(run), "--episodes", "20", "--shots", "5", "--inner-steps", "1", "3")
     assert done.returncode == 0, done.stderr
-    assert "5-shot, 1 inner steps: mse" in done.stdout and "5-shot, 3 inner steps: mse" in done.stdout
+    assert "5-shot, 1 inner step: mse" in done.stdout and "5-shot, 3 inner steps: mse" in done.stdout
     files = sorted(p.name for p in (run / "evals").glob("*.json"))
     assert files == ["sinusoid-5w5s-1steps-20ep.json", "sinusoid-5w5s-3steps-20ep.json"]
 

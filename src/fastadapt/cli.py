@@ -193,7 +193,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                               dataset=args.dataset)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
-                f", {result['inner_steps']} inner steps" if result["inner_steps"] else "") + (
+                f", {result['inner_steps']} inner step{'s' if result['inner_steps'] != 1 else ''}" if result["inner_steps"] else "") + (
                 f", lambda {result['imaml_lambda']:g}" if "imaml_lambda" in result else "") + (
                 f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "")
             where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""

@@ -17,7 +17,7 @@ structure and the options (`learner.plan(batch)` says which path and why; `execu
 - "loop": tasks back-propagated one at a time as soon as their loss exists, so only one task's (or
   task group's) graph is alive (see `functional.taskwise`), in two passes: a first-order query
   pass (optionally compiled or bf16), then the backward through the support-set inner loop (see
-  `functional.split`). For a model whose forward is a conv/BatchNorm/ReLU/pool/Linear chain (any
+  `functional.query_pass`). For a model whose forward is a conv/BatchNorm/ReLU/pool/Linear chain (any
   class: `functional.structure`) the support phases of a few tasks run as one grouped-convolution
   graph (`functional.task_batched`); per-step BatchNorm statistics, or any other model, run task by
   task (also exact). Measured on 2 CPU cores as fast as holding all graphs at 5x less memory.
@@ -26,8 +26,9 @@ structure and the options (`learner.plan(batch)` says which path and why; `execu
 - "vmap": all tasks in one `torch.func.vmap` call, where that is exact; a model with BatchNorm
   runs task by task instead (vmap's second-order rules through training-mode BatchNorm are wrong).
 
-Every path supports every inner optimizer and per-step rates exactly. `checkpoint_inner_loop`
-supports plain SGD with constant rates only and refuses the rest at construction.
+Every path supports every inner optimizer, per-step rates and BatchNorm, and the multi-step loss
+exactly, with or without `checkpoint_inner_loop` (which stores each step's parameters and optimizer
+state and replays single steps in the backward pass).
 """
 
 from __future__ import annotations

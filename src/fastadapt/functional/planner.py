@@ -128,7 +128,7 @@ def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, d
             return _logged(Plan("task-groups", group, task_workers_for(task_workers, model, batch),
                                 ("the forward is a conv/BatchNorm/ReLU/pool/Linear chain",
                                  f"{group} tasks per group {where}")))
-    else:
+    elif request == "per-task":
         reasons.append("asked for")
     return _logged(Plan("per-task", reasons=tuple(reasons)))
 
