@@ -216,3 +216,21 @@ def test_recipes_cover_the_four_omniglot_settings_with_one_pretraining():
     assert [(c.ways, c.shots) for c in configs] == [(5, 1), (5, 5), (20, 1), (20, 5)]
     pretraining = {(c.train_ways, c.train_shots, c.meta_batch, c.meta_lr, c.iterations, c.optimizer) for c in configs}
     assert pretraining == {(16, 1, 1, 1e-3, 30000, "adam")}  # batches of 16, Adam 1e-3, 5 epochs of 96,000 images
+
+
+@pytest.mark.parametrize("running_statistics", [True, False])
+def test_a_task_is_scored_the_same_alone_and_in_a_batch(running_statistics):
+    """With batch-statistics BatchNorm each task is embedded on its own, as `adapt` does: no task's
+    statistics leak into another's result."""
+    torch.manual_seed(0)
+    learner = Baseline(Conv4.omniglot(ways=None, track_running_stats=running_statistics), num_classes=10,
+                       finetune_epochs=3)
+    images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8)
+    batch = EpisodeSampler(ImageClassDataset(images, torch.arange(60) // 6), 5, 1, 2, seed=0).task_batch(0, 3)
+    together = learner.query_outputs(batch)
+    for t in range(len(batch)):
+        alone = learner.query_outputs(batch.split(1)[t])[0]
+        predictor = learner.eval().adapt(batch.support_x[t], batch.support_y[t])
+        with torch.no_grad():
+            adapted = predictor(batch.query_x[t])
+        assert torch.allclose(together[t], alone, atol=1e-5) and torch.allclose(together[t], adapted, atol=1e-5)

@@ -87,7 +87,7 @@ class _FineTuned(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, query_x: Tensor) -> Tensor:
-        return self.net.head_logits(self.net.embed(query_x), self.weight, self.bias)
+        return self.net.head_logits(self.net.embed(query_x, graph=True), self.weight, self.bias)
 
 
 class Baseline(Learner):
@@ -160,9 +160,10 @@ class Baseline(Learner):
         return loss, {"loss": loss.detach(), "accuracy": (logits.detach().argmax(-1) == y).float().mean()}
 
     # -- fine-tuning --------------------------------------------------------------------------
-    def embed(self, x: Tensor) -> Tensor:
-        """Frozen-backbone embeddings `(N, D)` (eval mode, no graph)."""
-        with module_mode(self.encoder, training=False), torch.no_grad():
+    def embed(self, x: Tensor, graph: bool = False) -> Tensor:
+        """Frozen-backbone embeddings `(N, D)` (eval mode; no graph unless `graph`, which keeps the
+        one grad mode gives: a predictor differentiable in its input, for an attack)."""
+        with module_mode(self.encoder, training=False), torch.set_grad_enabled(graph and torch.is_grad_enabled()):
             return self.encoder(x).flatten(1)
 
     def head_logits(self, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -215,9 +216,14 @@ class Baseline(Learner):
 
     def _query_outputs(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
         """Every episode's query logits from its own fitted head."""
-        tasks = len(batch)
         ways = int(batch.support_y.max()) + 1
-        support = self.embed(batch.support_x.flatten(0, 1)).unflatten(0, (tasks, -1))
-        query = self.embed(batch.query_x.flatten(0, 1)).unflatten(0, (tasks, -1))
-        weight, bias = self.fit_heads(support, batch.support_y, ways)
-        return self.head_logits(query, weight, bias)
+        weight, bias = self.fit_heads(self._embed_tasks(batch.support_x), batch.support_y, ways)
+        return self.head_logits(self._embed_tasks(batch.query_x), weight, bias)
+
+    def _embed_tasks(self, x: Tensor) -> Tensor:
+        """Embeddings `(T, N, D)` of T tasks' inputs `(T, N, ...)`: in one forward where examples do not
+        see each other, task by task where BatchNorm normalises by batch statistics (each task by its
+        own, as `adapt` does)."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in self.encoder.modules()):
+            return torch.stack([self.embed(task) for task in x])
+        return self.embed(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1))

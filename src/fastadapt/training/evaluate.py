@@ -17,7 +17,7 @@ from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble"]
+__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "estimate_over_episodes"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ def evaluate_learner(learner: Learner, source: TaskSource, episodes: int = 1000,
         >>> sorted(result)
         ['loss', 'loss_before']
     """
-    return _estimates(lambda batch: learner.task_metrics(batch, inner_steps=inner_steps), source, episodes, batch_size,
-                      [learner])
+    return estimate_over_episodes(lambda batch, start: learner.task_metrics(batch, inner_steps=inner_steps), source,
+                                  episodes, batch_size, [learner])
 
 
 def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
@@ -91,12 +91,12 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
         raise ValueError(f"an ensemble's learners must solve one kind of task, got {sorted(kinds)}")
     kind = kinds.pop()
 
-    def metrics(batch: TaskBatch) -> dict[str, Tensor]:
+    def metrics(batch: TaskBatch, start: int) -> dict[str, Tensor]:
         mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
         rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
-    return _estimates(metrics, source, episodes, batch_size, learners)
+    return estimate_over_episodes(metrics, source, episodes, batch_size, learners)
 
 
 def _workers(learners: Sequence[Learner]) -> int:
@@ -107,10 +107,10 @@ def _workers(learners: Sequence[Learner]) -> int:
     return workers if workers > 1 and all(thread_safe_forward(learner.model) for learner in learners) else 1
 
 
-def _estimates(metrics: Callable[[TaskBatch], dict[str, Tensor]], source: TaskSource, episodes: int,
-               batch_size: int, learners: Sequence[Learner]) -> dict[str, Estimate]:
-    """`metrics` (per-task `(T,)` tensors) over test episodes 0..episodes-1 of `source`, `batch_size`
-    at a time (`_workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each.
+def estimate_over_episodes(metrics: Callable[[TaskBatch, int], dict[str, Tensor]], source: TaskSource, episodes: int,
+                           batch_size: int, learners: Sequence[Learner]) -> dict[str, Estimate]:
+    """`metrics(batch, start)` (per-task `(T,)` tensors of episodes `start, start + 1, ...`) over test
+    episodes 0..episodes-1 of `source`, `batch_size` at a time (`_workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each.
     The learners' eval mode is entered here, in the calling thread, before any worker starts."""
     starts = list(range(0, episodes, batch_size))
     collected: dict[str, list[Tensor]] = {}
@@ -118,7 +118,7 @@ def _estimates(metrics: Callable[[TaskBatch], dict[str, Tensor]], source: TaskSo
         for learner in learners:
             stack.enter_context(learner.evaluation())
         for batch_metrics in map_in_threads(
-                lambda start: metrics(source.task_batch(start, min(batch_size, episodes - start))),
+                lambda start: metrics(source.task_batch(start, min(batch_size, episodes - start)), start),
                 starts, _workers(learners)):
             for name, value in batch_metrics.items():
                 collected.setdefault(name, []).append(value)

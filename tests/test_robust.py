@@ -1,0 +1,153 @@
+"""Attacks on functional models (fastadapt.robust): the ball and the input range hold, PGD finds at
+least FGSM's loss, epsilon 0 is the clean evaluation exactly, the same seed gives the same
+perturbation, torchattacks agrees where it applies, and every learner is attacked after adaptation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastadapt.algorithms.baseline import Baseline
+from fastadapt.data import EpisodeSampler, ImageClassDataset
+from fastadapt.nn import Conv4
+from fastadapt.robust import Attack, attack_generator, evaluate_under_attack, fgsm, pgd
+from fastadapt.robust.attacks import default_loss
+from fastadapt.training.config import Config
+from fastadapt.training.evaluate import evaluate_learner
+from fastadapt.training.experiment import build_learner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 14 * 14, 5))
+
+
+def _data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 5, (n,), generator=generator)
+
+
+def _bands(classes: int = 20, per_class: int = 10) -> ImageClassDataset:
+    """Grey 28x28 images, each class a bright band (rows, then columns) over noise: easy to tell
+    apart for an untrained network with a few inner steps, and easy to attack."""
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(classes * per_class, 1, 28, 28, generator=generator) * 0.3
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    for i, c in enumerate(labels.tolist()):
+        band = slice(2 * (c % 10) + 4, 2 * (c % 10) + 7)
+        if c < 10:
+            images[i, 0, band, :] += 0.6
+        else:
+            images[i, 0, :, band] += 0.6
+    return ImageClassDataset((images * 255).to(torch.uint8), labels)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_pgd_stays_in_the_ball_and_the_input_range(norm, random_start):
+    x, y = _data()
+    eps = 0.05 if norm == "linf" else 1.5
+    attacked = pgd(eps, norm=norm, steps=7, random_start=random_start)(_net(), x, y,
+                                                                     generator=torch.Generator().manual_seed(0))
+    delta = (attacked - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps * (1 + 1e-6)).all() and size.max() > 0.5 * eps
+    assert attacked.min() >= 0 and attacked.max() <= 1
+    assert not attacked.requires_grad
+
+
+def test_a_stack_of_tasks_gets_an_l2_ball_per_example():
+    x, y = _data(40)
+    net = _net()
+    stacked = pgd(1.0, norm="l2", steps=3)(lambda z: net(z.flatten(0, 1)).unflatten(0, (4, 10)), x.view(4, 10, 1, 28, 28),
+                                           y.view(4, 10), batch_dims=2, generator=torch.Generator().manual_seed(0))
+    assert ((stacked - x.view(4, 10, 1, 28, 28)).flatten(2).norm(dim=2) <= 1.0 + 1e-6).all()
+    with pytest.raises(ValueError, match="batch_dims must be >= 1"):
+        pgd(1.0)(net, x, y, batch_dims=4)
+
+
+def test_pgd_loss_is_at_least_fgsm_loss_and_the_clean_loss():
+    x, y = _data(200)
+    net = _net()
+    with torch.no_grad():
+        clean = default_loss(net(x), y)
+        one_step = default_loss(net(fgsm(0.03)(net, x, y)), y)
+        many_steps = default_loss(net(pgd(0.03, steps=20, random_start=False)(net, x, y)), y)
+    assert many_steps >= one_step >= clean
+    assert many_steps > clean * 1.05  # a real attack, not a rounding
+
+
+def test_epsilon_zero_returns_the_inputs_and_targeted_attacks_move_towards_the_target():
+    x, y = _data()
+    net = _net()
+    assert torch.equal(pgd(0.0)(net, x, y), x) and torch.equal(fgsm(0.0)(net, x, y), x)
+    target = (y + 1) % 5
+    with torch.no_grad():
+        before = default_loss(net(x), target)
+        after = default_loss(net(pgd(0.1, steps=10, targeted=True)(net, x, target)), target)
+    assert after < before
+
+
+def test_the_same_seed_gives_the_same_perturbation():
+    x, y = _data()
+    net = _net()
+    attack = pgd(0.1, norm="l2", steps=2)
+    first = attack(net, x, y, generator=attack_generator(0, 7))
+    assert torch.equal(first, attack(net, x, y, generator=attack_generator(0, 7)))
+    assert not torch.equal(first, attack(net, x, y, generator=attack_generator(0, 8)))
+    assert not torch.equal(first, attack(net, x, y, generator=attack_generator(1, 7)))
+
+
+def test_bad_attack_settings_name_the_value():
+    for kwargs, message in (({"eps": -0.1}, "eps must be a finite number >= 0, got -0.1"),
+                            ({"eps": 0.1, "norm": "l1"}, "norm must be 'linf' or 'l2', got 'l1'"),
+                            ({"eps": 0.1, "steps": 0}, "steps must be an integer >= 1, got 0"),
+                            ({"eps": 0.1, "step_size": 0.0}, "step_size must be a finite number > 0"),
+                            ({"eps": 0.1, "bounds": (1.0, 0.0)}, "bounds must be (low, high) with low < high")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Attack(**kwargs)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_equals_torchattacks_without_random_start(norm):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = _data(16)
+    net = _net().double()
+    x = x.double()
+    eps, alpha, steps = (8 / 255, 2 / 255, 10) if norm == "linf" else (1.0, 0.2, 10)
+    theirs = (torchattacks.PGD(net, eps=eps, alpha=alpha, steps=steps, random_start=False) if norm == "linf"
+              else torchattacks.PGDL2(net, eps=eps, alpha=alpha, steps=steps, random_start=False))(x, y)
+    ours = pgd(eps, norm=norm, steps=steps, step_size=alpha, random_start=False)(net, x, y)
+    assert (ours - theirs).abs().max() <= 1e-6
+    assert (ours - x).abs().max() > 0.5 * (eps if norm == "linf" else alpha)
+
+
+ALGORITHMS = ["maml", "fomaml", "metasgd", "anil", "maml++", "imaml", "reptile", "protonet", "matchingnet", "baseline"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_learner_is_attacked_after_adaptation(algorithm):
+    values = {"algorithm": algorithm, "dataset": "omniglot", "backbone": "conv4", "ways": 5, "shots": 1,
+              "inner_lr": 0.4, "inner_steps": 2}
+    if algorithm == "imaml":
+        values["inner_lr"] = 0.1
+    if algorithm == "reptile":
+        values.update(inner_optimizer="sgd", inner_lr=0.2)
+    learner = build_learner(Config.from_dict(values))
+    if algorithm == "baseline":  # an untrained backbone's running statistics say nothing: batch statistics instead
+        torch.manual_seed(0)
+        learner = Baseline(Conv4.omniglot(ways=None, track_running_stats=False), num_classes=20, finetune_lr=0.1)
+    tasks = EpisodeSampler(_bands(), ways=5, shots=1, queries=3, seed=0)
+    clean = evaluate_learner(learner, tasks, episodes=6, batch_size=3)
+    same = evaluate_under_attack(learner, tasks, pgd(0.0), episodes=6, batch_size=3)
+    attacked = evaluate_under_attack(learner, tasks, pgd(0.25, steps=5), episodes=6, batch_size=3)
+    assert same["accuracy"].mean == pytest.approx(clean["accuracy"].mean, abs=1e-9)
+    assert same["loss"].mean == pytest.approx(clean["loss"].mean, rel=1e-4)
+    assert attacked["loss"].mean > clean["loss"].mean + 0.1
+    assert attacked["accuracy"].mean < clean["accuracy"].mean - 0.1, (clean, attacked)
+    again = evaluate_under_attack(learner, tasks, pgd(0.25, steps=5), episodes=6, batch_size=2)
+    assert again["accuracy"].mean == attacked["accuracy"].mean and again["loss"].mean == attacked["loss"].mean
