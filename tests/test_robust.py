@@ -11,10 +11,10 @@ from torch import nn
 from fastadapt.algorithms.baseline import Baseline
 from fastadapt.data import EpisodeSampler, ImageClassDataset
 from fastadapt.nn import Conv4
-from fastadapt.robust import Attack, attack_generator, evaluate_under_attack, fgsm, pgd
+from fastadapt.robust import Attack, attack_generator, fgsm, pgd
 from fastadapt.robust.attacks import default_loss
 from fastadapt.training.config import Config
-from fastadapt.training.evaluate import evaluate_learner
+from fastadapt.training.evaluate import evaluate_learner, evaluate_under_attack
 from fastadapt.training.experiment import build_learner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,3 +151,34 @@ def test_every_learner_is_attacked_after_adaptation(algorithm):
     assert attacked["accuracy"].mean < clean["accuracy"].mean - 0.1, (clean, attacked)
     again = evaluate_under_attack(learner, tasks, pgd(0.25, steps=5), episodes=6, batch_size=2)
     assert again["accuracy"].mean == attacked["accuracy"].mean and again["loss"].mean == attacked["loss"].mean
+
+
+def test_the_robustness_command_writes_every_radius_and_the_clean_number(tmp_path, capsys):
+    import json
+
+    import fastadapt
+    from fastadapt.cli import main
+    from fastadapt.data import DatasetInfo, register_dataset
+
+    bands = _bands()
+    register_dataset(DatasetInfo("bands", "20 classes of bands", lambda argument, options: {"train": bands, "test": bands},
+                                 lambda argument, options: (1, 28, 28)))
+    run = tmp_path / "run"
+    fastadapt.train({"algorithm": "protonet", "dataset": "bands", "backbone": "conv4", "ways": 5, "shots": 1,
+                     "queries": 2, "eval_queries": 3, "meta_batch": 1, "iterations": 5, "eval_episodes": 4, "threads": 1},
+                    run, progress=False)
+    command = ["robustness", str(run), "--eps", "0.2", "0.05", "--steps", "3", "--episodes", "6"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "eps 0 " in printed and "eps 0.05 " in printed and "eps 0.2 " in printed
+    files = list((run / "robustness").glob("*.json"))
+    assert [f.name for f in files] == ["bands-5w1s-query-pgd-linf-3steps-6ep.json"]
+    result = json.loads(files[0].read_text())
+    accuracy = [c["metrics"]["accuracy"]["mean"] for c in result["conditions"]]
+    assert [c["eps"] for c in result["conditions"]] == [0.0, 0.05, 0.2]
+    clean = fastadapt.evaluate(run, episodes=6)
+    assert accuracy[0] == pytest.approx(clean["mean"], abs=1e-9)
+    assert accuracy[2] < accuracy[0]
+    assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
+    assert main(["robustness", str(run), "--attack", "fgsm", "--steps", "3", "--eps", "0.1"]) == 2
+    assert "--attack fgsm is one L-inf step" in capsys.readouterr().err

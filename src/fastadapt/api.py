@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor
 
@@ -17,12 +18,13 @@ from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
                                   load_module_tensors, ranked_validation_steps)
 from .training.config import Config, ConfigError
-from .training.evaluate import evaluate_ensemble, evaluate_learner
+from .robust import Attack
+from .training.evaluate import evaluate_ensemble, evaluate_learner, evaluate_under_attack
 from .training.experiment import build_learner, test_source
 from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
 
-__all__ = ["train", "evaluate", "load", "resolve_config", "run_config", "default_run_dir"]
+__all__ = ["train", "evaluate", "evaluate_robustness", "load", "resolve_config", "run_config", "default_run_dir"]
 
 PathLike = str | os.PathLike[str]
 
@@ -156,6 +158,61 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     tag = (f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
            f"-{episodes}ep{top}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
+    return result
+
+
+def evaluate_robustness(run_dir: PathLike, attack: Attack, eps: Sequence[float], *, episodes: int = 1000,
+                        ways: int | None = None, shots: int | None = None, queries: int | None = None,
+                        inner_steps: int | None = None, dataset: str | None = None, device: str | None = None,
+                        threads: int | None = None) -> dict[str, Any]:
+    """A trained classification run (its best checkpoint, else its newest) under `attack` at each
+    radius in `eps` (0, the clean evaluation, is always included): the learner adapts to each fixed
+    test episode's clean support set and its predictor is attacked on the queries. Other ways /
+    shots / queries / inner steps / `dataset` as in `evaluate`. Writes
+    `RUN_DIR/robustness/<...>.json` and returns it (also `fastadapt.robust.evaluate`).
+
+    Example:
+        >>> from fastadapt.robust import pgd
+        >>> result = fastadapt.robust.evaluate("runs/maml-omniglot", pgd(0.0, steps=10), [0.05, 0.1])  # doctest: +SKIP
+        >>> [c["metrics"]["accuracy"]["mean"] for c in result["conditions"]]  # doctest: +SKIP
+        [0.95..., 0.6..., 0.2...]
+    """
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    if config.task != "classification":
+        raise ConfigError(f"robustness evaluates classification runs; {run_dir} is a {config.task} run on "
+                          f"{config.dataset!r}")
+    if device is not None:
+        config = config.replace(device=device)
+    if threads is not None:
+        config = config.replace(threads=threads)
+    if episodes < 2:
+        raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
+    radii = sorted({0.0, *(float(e) for e in eps)})
+    if radii[0] < 0:
+        raise ConfigError(f"eps must be >= 0, got {radii[0]}")
+    learner = load(run_dir, device=device)
+    steps = inner_steps or config.effective_eval_inner_steps
+    tasks = test_source(config, ways, shots, queries, dataset=dataset)
+    conditions = []
+    with torch_threads(config.threads):
+        for radius in radii:
+            estimates = evaluate_under_attack(learner, tasks, dataclasses.replace(attack, eps=radius), episodes,
+                                              inner_steps=steps)
+            conditions.append({"eps": radius, "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}})
+    ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
+    kind = "fgsm" if attack.steps == 1 else "pgd"
+    result = {
+        "dataset": dataset or config.dataset, "trained_on": config.dataset, "ways": ways, "shots": shots,
+        "queries": queries, "episodes": episodes, "eval_seed": config.eval_seed,
+        "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
+        "target": "query", "attack": {"kind": kind, "norm": attack.norm, "steps": attack.steps,
+                                      "step_size": attack.step_size, "random_start": attack.random_start,
+                                      "bounds": list(attack.bounds) if attack.bounds else None},
+        "conditions": conditions,
+    }
+    tag = f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s-query-{kind}-{attack.norm}-{attack.steps}steps-{episodes}ep"
+    write_json(run_dir / "robustness" / f"{tag}.json", result)
     return result
 
 

@@ -3,6 +3,7 @@
     fastadapt run [flags]                         meta-train and test one configuration from flags
     fastadapt train RECIPE [--set k=v] [--out D]  the same from a YAML recipe; --resume D continues D
     fastadapt eval RUN_DIR [--shots K ...]        evaluate a trained run on fixed test episodes
+    fastadapt robustness RUN_DIR --eps E ...      the run under attack after adaptation
     fastadapt report RUN_DIR [RUN_DIR ...]        plots and a comparison table
 
 Bare `fastadapt run` is the embedded default: MAML on sinusoid regression, under 2 minutes on 2 CPU
@@ -22,7 +23,8 @@ import yaml
 from pydantic import ValidationError
 
 from . import __version__
-from .api import default_run_dir, evaluate, resolve_config, run_config, train
+from .api import default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
+from .robust import fgsm, pgd
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
@@ -120,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
 
+    rob = commands.add_parser("robustness", help="a trained run under adversarial attack after adaptation",
+                              description="Evaluate a trained classification run on fixed test episodes with its "
+                              "query sets attacked after adaptation, at each radius (and 0, the clean number); "
+                              "writes RUN_DIR/robustness/<...>.json.")
+    rob.add_argument("run_dir", type=Path)
+    rob.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="fgsm (one step) or pgd (default)")
+    rob.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the ball (default linf; fgsm: linf)")
+    rob.add_argument("--eps", type=_radius, nargs="+", required=True, help="one or more radii (inputs lie in [0, 1])")
+    rob.add_argument("--steps", type=_flag_type("inner_steps"), default=10, help="pgd steps (default 10)")
+    rob.add_argument("--step-size", type=_flag_type("inner_lr"), help="pgd step size (default 2.5 * eps / steps)")
+    rob.add_argument("--random-start", action=argparse.BooleanOptionalAction,
+                     help="start from a random point of the ball (default: pgd yes, fgsm no)")
+    rob.add_argument("--target", choices=("query",), default="query", help="what the attacker perturbs: the query "
+                     "set after adaptation")
+    rob.add_argument("--episodes", type=_flag_type("eval_episodes"), default=1000, help="test episodes (default 1000)")
+    _add_key_flag(rob, "dataset", "attack on this dataset's test split instead (cross-domain)")
+    for key in ("ways", "shots"):
+        _add_key_flag(rob, key, f"{Config.model_fields[key].description} (default: the run's)")
+    rob.add_argument("--queries", type=_flag_type("eval_queries"), help="query examples per class (default: the run's)")
+    rob.add_argument("--inner-steps", type=_flag_type("inner_steps"), help="inner steps at test time (default: the run's)")
+    for key in ("device", "threads"):
+        _add_key_flag(rob, key, f"{Config.model_fields[key].description} (default: the run's)")
+
     rep = commands.add_parser("report", help="plots and a Markdown table comparing runs")
     rep.add_argument("run_dirs", type=Path, nargs="+")
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
@@ -199,11 +224,42 @@ def _dispatch(args: argparse.Namespace) -> None:
             where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
             print(f"{label}{where}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")
+    elif args.command == "robustness":
+        _robustness(args)
     elif args.command == "report":
         from .training.report import write_report
 
         files = write_report(args.run_dirs, args.out)
         print(f"report written to {args.out}: " + ", ".join(str(p.name) for p in files.paths))
+
+
+def _radius(text: str) -> float:
+    """An argparse type: an attack radius, a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _robustness(args: argparse.Namespace) -> None:
+    if args.attack == "fgsm" and (args.norm != "linf" or args.steps != 10 or args.step_size is not None):
+        raise ConfigError("--attack fgsm is one L-inf step of eps (1.25 eps from a random start): it takes no --norm, "
+                          "--steps or --step-size")
+    attack = (fgsm(0.0, random_start=bool(args.random_start)) if args.attack == "fgsm" else
+              pgd(0.0, norm=args.norm, steps=args.steps, step_size=args.step_size,
+                  random_start=True if args.random_start is None else args.random_start))
+    result = evaluate_robustness(args.run_dir, attack, args.eps, episodes=args.episodes, ways=args.ways,
+                                 shots=args.shots, queries=args.queries, inner_steps=args.inner_steps,
+                                 dataset=args.dataset, device=args.device, threads=args.threads)
+    where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
+    print(f"{result['ways']}-way {result['shots']}-shot{where}, {args.attack} {attack.norm} on the queries after "
+          f"adaptation ({result['episodes']} episodes, 95% CI):")
+    for condition in result["conditions"]:
+        accuracy = condition["metrics"]["accuracy"]
+        print(f"  eps {condition['eps']:<8g} accuracy {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Robustness of meta-learned models: attacks on functions of the input (FGSM, PGD in L-inf and L2
-balls) and evaluation of every learner under attack after adaptation.
+balls) and every learner's metrics under attack after adaptation (over fixed episodes:
+`fastadapt.training.evaluate_under_attack`; of a run directory: `fastadapt.robust.evaluate`).
 
 Example:
     >>> attack = pgd(8 / 255, steps=10)
@@ -8,7 +9,16 @@ Example:
 """
 
 from .attacks import Attack, default_loss, fgsm, pgd
-from .evaluation import attack_generator, attacked_task_metrics, evaluate_under_attack
+from .evaluation import attack_generator, attacked_task_metrics
 
-__all__ = ["Attack", "attack_generator", "attacked_task_metrics", "default_loss", "evaluate_under_attack", "fgsm",
-           "pgd"]
+__all__ = ["Attack", "attack_generator", "attacked_task_metrics", "default_loss", "evaluate", "fgsm", "pgd"]
+
+
+def __getattr__(name: str):
+    """`fastadapt.robust.evaluate`: the run-directory evaluation of the API floor (`fastadapt.api`),
+    looked up when first used (this package sits below the API and imports nothing from it)."""
+    if name == "evaluate":
+        from ..api import evaluate_robustness
+
+        return evaluate_robustness
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

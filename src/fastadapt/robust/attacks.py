@@ -47,9 +47,11 @@ def default_loss(outputs: Tensor, y: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Attack:
-    """A norm-bounded attack: `eps` the radius, `steps` ascent steps of `step_size` (default
-    `2.5 * eps / steps`, Madry et al.), optionally from a random point of the ball, every iterate
-    clamped to `bounds` (None: unbounded). `targeted`: minimise the loss towards the given labels.
+    """A norm-bounded attack: `eps` the radius, `steps` ascent steps of `step_size`, optionally from a
+    random point of the ball, every iterate clamped to `bounds` (None: unbounded). `targeted`:
+    minimise the loss towards the given labels. The default step size scales with `eps`: `2.5 * eps
+    / steps` (Madry et al.); for one step, `eps` (FGSM), or `1.25 * eps` from a random start (Wong et
+    al. 2020).
 
     Use `fgsm(...)` and `pgd(...)` to build one.
     """
@@ -77,7 +79,11 @@ class Attack:
     @property
     def alpha(self) -> float:
         """The step size."""
-        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+        if self.step_size is not None:
+            return self.step_size
+        if self.steps == 1:
+            return 1.25 * self.eps if self.random_start else self.eps
+        return 2.5 * self.eps / self.steps
 
     def __call__(self, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = default_loss, batch_dims: int = 1,
@@ -146,8 +152,7 @@ def fgsm(eps: float, *, random_start: bool = False, bounds: tuple[float, float] 
         >>> fgsm(0.1).steps, fgsm(0.1, random_start=True).alpha
         (1, 0.125)
     """
-    return Attack(eps, "linf", steps=1, step_size=(1.25 * eps if random_start else eps) or None,
-                  random_start=random_start, bounds=bounds, targeted=targeted)
+    return Attack(eps, "linf", steps=1, random_start=random_start, bounds=bounds, targeted=targeted)
 
 
 def pgd(eps: float, *, norm: Norm = "linf", steps: int = 10, step_size: float | None = None,

@@ -1,6 +1,6 @@
-"""Evaluation under attack: every learner adapts to a clean support set, then its predictor is
-attacked on the query set (the attacker stands after adaptation), on fixed episodes with 95%
-confidence intervals.
+"""Learners under attack: every learner adapts to a clean support set, then its predictor is
+attacked on the query set (the attacker stands after adaptation). Means and confidence intervals
+over fixed episodes: `training.evaluate.evaluate_under_attack`.
 
 The learner runs as in evaluation (eval mode, nothing written into its module). An attack's random
 start for episode `i` draws from `attack_generator(seed, i)`, a stream of its own beside the
@@ -10,9 +10,11 @@ Example:
     >>> from fastadapt import MAML, SinusoidTasks
     >>> from fastadapt.nn import MLP
     >>> from fastadapt.robust import pgd
-    >>> attack = pgd(0.1, steps=3, bounds=(-5.0, 5.0))
-    >>> sorted(evaluate_under_attack(MAML(MLP(), 0.01, task="regression"), SinusoidTasks(seed=1), attack, episodes=4))
-    ['loss']
+    >>> batch = SinusoidTasks(seed=1).task_batch(0, 2)
+    >>> metrics = attacked_task_metrics(MAML(MLP(), 0.01, task="regression").eval(), batch,
+    ...                                 pgd(0.1, steps=3, bounds=(-5.0, 5.0)), seed=1, first_index=0)
+    >>> metrics["loss"].shape
+    torch.Size([2])
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from torch import Tensor
 from ..algorithms.base import Learner
 from ..algorithms.objectives import task_metrics
 from ..data.episodes import TaskBatch
-from ..data.sampler import TaskSource
-from ..training.evaluate import Estimate, estimate_over_episodes
 from .attacks import Attack
 
-__all__ = ["attack_generator", "attacked_task_metrics", "evaluate_under_attack"]
+__all__ = ["attack_generator", "attacked_task_metrics"]
 
 _ATTACK_STREAM = 1  # the third key of an attack's seed sequence: apart from the episode's own draws
 
@@ -62,21 +62,9 @@ def attacked_task_metrics(learner: Learner, batch: TaskBatch, attack: Attack, *,
     return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
-def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,
-                          batch_size: int = 32, inner_steps: int | None = None) -> dict[str, Estimate]:
-    """Mean and 95% interval of every per-task metric on test episodes 0..episodes-1 of `source`,
-    their query sets attacked after adaptation (`attacked_task_metrics`)."""
-    return estimate_over_episodes(
-        lambda batch, start: attacked_task_metrics(learner, batch, attack, seed=source.seed, first_index=start,
-                                                   inner_steps=inner_steps),
-        source, episodes, batch_size, [learner])
-
-
 def _steps(learner: Learner, inner_steps: int | None) -> dict[str, int]:
-    """`steps=` for learners whose `adapt` takes it (the gradient-based ones), when asked."""
-    if inner_steps is None:
+    """`steps=` for learners whose `adapt` takes it (the gradient-based ones), when given; the others
+    ignore it, as their `task_metrics` do."""
+    if inner_steps is None or "steps" not in inspect.signature(learner.adapt).parameters:
         return {}
-    if "steps" not in inspect.signature(learner.adapt).parameters:
-        raise ValueError(f"{type(learner).__name__} adapts without inner steps; inner_steps applies to gradient-based "
-                         "learners")
     return {"steps": inner_steps}

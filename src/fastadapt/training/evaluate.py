@@ -15,9 +15,11 @@ from ..algorithms.objectives import task_metrics
 from ..functional.task_batched import thread_safe_forward
 from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
+from ..robust import Attack, attacked_task_metrics
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "estimate_over_episodes"]
+__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_under_attack",
+           "estimate_over_episodes"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,26 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     return estimate_over_episodes(metrics, source, episodes, batch_size, learners)
+
+
+def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,
+                          batch_size: int = 32, inner_steps: int | None = None) -> dict[str, Estimate]:
+    """Like `evaluate_learner`, with every episode's query set attacked after adaptation
+    (`robust.attacked_task_metrics`; the attack's random start from the source's seed and the
+    episode's index). `attack` with `eps=0` gives the clean numbers.
+
+    Example:
+        >>> from fastadapt import MAML, SinusoidTasks
+        >>> from fastadapt.nn import MLP
+        >>> from fastadapt.robust import pgd
+        >>> attack = pgd(0.1, steps=3, bounds=(-5.0, 5.0))
+        >>> sorted(evaluate_under_attack(MAML(MLP(), 0.01, task="regression"), SinusoidTasks(seed=1), attack, episodes=4))
+        ['loss']
+    """
+    return estimate_over_episodes(
+        lambda batch, start: attacked_task_metrics(learner, batch, attack, seed=source.seed, first_index=start,
+                                                   inner_steps=inner_steps),
+        source, episodes, batch_size, [learner])
 
 
 def _workers(learners: Sequence[Learner]) -> int:
