@@ -182,3 +182,49 @@ def test_the_robustness_command_writes_every_radius_and_the_clean_number(tmp_pat
     assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
     assert main(["robustness", str(run), "--attack", "fgsm", "--steps", "3", "--eps", "0.1"]) == 2
     assert "--attack fgsm is one L-inf step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(__import__("fastadapt.robust", fromlist=["CORRUPTIONS"]).CORRUPTIONS))
+def test_each_corruption_keeps_shape_and_range_grows_with_severity_and_repeats(name):
+    from fastadapt.robust import corrupt
+
+    x = _bands().gather(torch.arange(0, 200, 10))  # 20 images in [0, 1]
+    change = []
+    for severity in (1, 2, 3, 4, 5):
+        y = corrupt(x, name, severity, torch.Generator().manual_seed(severity))
+        assert y.shape == x.shape and y.dtype == x.dtype and y.min() >= 0 and y.max() <= 1
+        assert torch.equal(y, corrupt(x, name, severity, torch.Generator().manual_seed(severity)))
+        change.append(float((y - x).abs().mean()))
+    assert change[0] > 0 and change[-1] > change[0], change
+    assert sum(b >= a * 0.95 for a, b in zip(change, change[1:])) >= 3, change  # mostly monotone (random draws)
+
+
+def test_corruption_reaches_support_query_or_both_and_each_episode_alike_in_any_batch():
+    from fastadapt.robust import corrupt, corrupted_batch
+
+    batch = EpisodeSampler(_bands(), ways=5, shots=1, queries=2, seed=0).task_batch(0, 4)
+    for where, support_changed, query_changed in (("support", True, False), ("query", False, True), ("both", True, True)):
+        shifted = corrupted_batch(batch, "elastic", 3, where, seed=0, first_index=10)
+        assert (not torch.equal(shifted.support_x, batch.support_x)) == support_changed
+        assert (not torch.equal(shifted.query_x, batch.query_x)) == query_changed
+    whole = corrupted_batch(batch, "gaussian_noise", 2, "both", seed=0, first_index=10)
+    later = corrupted_batch(batch.split(2)[1], "gaussian_noise", 2, "both", seed=0, first_index=12)
+    assert torch.equal(whole.query_x[2:], later.query_x) and torch.equal(whole.support_x[2:], later.support_x)
+    for bad, message in ((("blur", 1), "unknown corruption 'blur'; known: brightness"), (("contrast", 6), "severity must be")):
+        with pytest.raises(ValueError, match=message):
+            corrupt(batch.query_x, *bad, torch.Generator())
+    with pytest.raises(ValueError, match="where must be one of support, query, both"):
+        corrupted_batch(batch, "contrast", 1, "all", seed=0, first_index=0)
+
+
+def test_a_protonet_loses_accuracy_as_severity_grows():
+    from fastadapt.nn import Conv4
+    from fastadapt import ProtoNet
+    from fastadapt.training.evaluate import evaluate_corrupted
+
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4.omniglot(ways=None))
+    tasks = EpisodeSampler(_bands(), ways=5, shots=1, queries=3, seed=0)
+    clean = evaluate_learner(learner, tasks, episodes=8, batch_size=4)["accuracy"].mean
+    severe = evaluate_corrupted(learner, tasks, "gaussian_noise", 5, "query", episodes=8, batch_size=4)["accuracy"].mean
+    assert clean - severe > 0.2, (clean, severe)

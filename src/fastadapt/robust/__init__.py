@@ -9,9 +9,11 @@ Example:
 """
 
 from .attacks import Attack, default_loss, fgsm, pgd
+from .corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_batch
 from .evaluation import attack_generator, attacked_task_metrics
 
-__all__ = ["Attack", "attack_generator", "attacked_task_metrics", "default_loss", "evaluate", "fgsm", "pgd"]
+__all__ = ["Attack", "CORRUPTIONS", "SEVERITIES", "attack_generator", "attacked_task_metrics", "corrupt",
+           "corrupted_batch", "default_loss", "evaluate", "fgsm", "pgd"]
 
 
 def __getattr__(name: str):

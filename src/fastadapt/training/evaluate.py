@@ -15,10 +15,10 @@ from ..algorithms.objectives import task_metrics
 from ..functional.task_batched import thread_safe_forward
 from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
-from ..robust import Attack, attacked_task_metrics
+from ..robust import Attack, attacked_task_metrics, corrupted_batch
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_under_attack",
+__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_under_attack", "evaluate_corrupted",
            "estimate_over_episodes"]
 
 
@@ -118,6 +118,26 @@ def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, 
     return estimate_over_episodes(
         lambda batch, start: attacked_task_metrics(learner, batch, attack, seed=source.seed, first_index=start,
                                                    inner_steps=inner_steps),
+        source, episodes, batch_size, [learner])
+
+
+def evaluate_corrupted(learner: Learner, source: TaskSource, name: str, severity: int, where: str = "both",
+                       episodes: int = 1000, *, batch_size: int = 32, inner_steps: int | None = None) -> dict[str, Estimate]:
+    """Like `evaluate_learner`, with every episode's support and/or query inputs corrupted
+    (`robust.corrupted_batch`: `name` at `severity` 1-5, `where` support, query or both).
+
+    Example:
+        >>> from fastadapt import ProtoNet, EpisodeSampler
+        >>> from fastadapt.data import ImageClassDataset
+        >>> from fastadapt.nn import Conv4
+        >>> data = ImageClassDataset(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) // 4)
+        >>> sorted(evaluate_corrupted(ProtoNet(Conv4.omniglot(ways=None)), EpisodeSampler(data, 5, 1, 2), "rotation", 2,
+        ...                           episodes=4))
+        ['accuracy', 'loss']
+    """
+    return estimate_over_episodes(
+        lambda batch, start: learner.task_metrics(
+            corrupted_batch(batch, name, severity, where, seed=source.seed, first_index=start), inner_steps=inner_steps),
         source, episodes, batch_size, [learner])
 
 
