@@ -228,3 +228,67 @@ def test_a_protonet_loses_accuracy_as_severity_grows():
     clean = evaluate_learner(learner, tasks, episodes=8, batch_size=4)["accuracy"].mean
     severe = evaluate_corrupted(learner, tasks, "gaussian_noise", 5, "query", episodes=8, batch_size=4)["accuracy"].mean
     assert clean - severe > 0.2, (clean, severe)
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pair", "outlier"])
+@pytest.mark.parametrize("shots, rate, noisy", [(5, 0.4, 2), (5, 0.2, 1), (7, 0.3, 2)])
+def test_label_noise_keeps_the_rate_and_the_true_class_a_plurality(kind, shots, rate, noisy):
+    from fastadapt.robust.label_noise import NoisyLabels
+
+    data = _bands()
+    clean_source = EpisodeSampler(data, ways=5, shots=shots, queries=2, seed=3)
+    source = NoisyLabels(clean_source, kind, rate)
+    assert source.noisy_per_class == noisy
+    batch, clean = source.task_batch(0, 4), clean_source.task_batch(0, 4)
+    assert torch.equal(batch.query_x, clean.query_x) and torch.equal(batch.query_y, clean.query_y)
+    labels = data.labels
+    for t in range(4):
+        true = _true_classes(clean.support_x[t], clean.support_y[t], batch.support_x[t], data)
+        for c in range(5):
+            sources = true[batch.support_y[t] == c]  # the true class behind each example labelled c
+            own = (sources == int(labels[_class_of(clean, t, c, data)])).sum()
+            assert len(sources) == shots and own == shots - noisy
+            others = torch.unique(sources[sources != int(labels[_class_of(clean, t, c, data)])], return_counts=True)[1]
+            assert len(others) == 0 or others.max() < own  # a plurality
+    again = NoisyLabels(clean_source, kind, rate).task_batch(2, 2)
+    assert torch.equal(again.support_x, batch.support_x[2:]) and torch.equal(again.support_y, batch.support_y[2:])
+
+
+def _class_of(clean, t, c, data):
+    """A dataset index of the class that label c stands for in clean episode t."""
+    return _index_of(clean.support_x[t][clean.support_y[t] == c][0], data)
+
+
+def _index_of(image, data):
+    return int(((data.gather(torch.arange(len(data.labels))) - image).abs().flatten(1).sum(1) == 0).nonzero()[0])
+
+
+def _true_classes(clean_x, clean_y, noisy_x, data):
+    """The dataset class of each noisy support image."""
+    return torch.tensor([int(data.labels[_index_of(image, data)]) for image in noisy_x])
+
+
+def test_noise_that_would_lose_the_plurality_is_refused():
+    from fastadapt.robust.label_noise import NoisyLabels
+
+    with pytest.raises(ValueError, match="rate 0.6 makes 1 of 1 shots noisy: the true class would not keep a plurality"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 1, 1), "pair", 0.6)
+    with pytest.raises(ValueError, match=r"rate 0.05 gives no noisy example of 5 shots .* the smallest rate that does is 0.2"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", 0.05)
+    assert NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", 0.0).task_batch(0, 1).support_y.tolist() == \
+        EpisodeSampler(_bands(), 5, 5, 1).task_batch(0, 1).support_y.tolist()
+    with pytest.raises(ValueError, match="label-noise kind must be one of symmetric, pair, outlier, got 'flip'"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "flip", 0.2)
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean", "weighted"])
+def test_robust_prototypes_equal_the_mean_with_one_shot_and_resist_an_outlier(aggregation):
+    from fastadapt.algorithms.protonet import prototypes
+
+    z, y = torch.randn(5, 8, dtype=torch.float64), torch.arange(5)
+    assert torch.allclose(prototypes(z, y, 5, aggregation), prototypes(z, y, 5, "mean"))
+    members = torch.randn(5, 4, dtype=torch.float64) * 0.1
+    outlier = torch.cat([members, torch.full((1, 4), 50.0, dtype=torch.float64)])
+    labels = torch.zeros(6, dtype=torch.long)
+    robust = prototypes(outlier, labels, 1, aggregation)[0]
+    assert (robust - members.mean(0)).norm() < 0.5 < (prototypes(outlier, labels, 1, "mean")[0] - members.mean(0)).norm()

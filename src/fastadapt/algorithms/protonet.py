@@ -11,21 +11,51 @@ from ..functional import add_gradients, forward, loss_with_grads, mixed_precisio
 from ..functional.fold import can_fold, fold_call
 from .base import EpisodePredictor, Learner
 
-__all__ = ["ProtoNet", "prototypes", "proto_logits"]
+__all__ = ["ProtoNet", "prototypes", "proto_logits", "AGGREGATIONS"]
+
+# how a class's support embeddings make its prototype: the mean (Snell et al.), or robust to noisy
+# labels: the per-coordinate median, the mean without the highest and lowest fifth per coordinate,
+# or a mean weighted by closeness to the class median (softmax of minus the squared distance over
+# its mean)
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "weighted")
+_TRIM = 0.2
 
 
-def prototypes(support_z: Tensor, support_y: Tensor, ways: int) -> Tensor:
-    """Mean embedding per class: `(..., N*K, D)` with labels 0..ways-1 -> `(..., ways, D)`.
+def prototypes(support_z: Tensor, support_y: Tensor, ways: int, aggregation: str = "mean") -> Tensor:
+    """One embedding per class, `(..., N*K, D)` with labels 0..ways-1 -> `(..., ways, D)`: the mean of
+    its support embeddings, or a robust `aggregation` (`AGGREGATIONS`). With one shot per class every
+    aggregation is that shot's embedding.
 
     Example:
         >>> import torch
         >>> prototypes(torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([0, 0, 1]), 2)
         tensor([[1.],
                 [5.]])
+        >>> prototypes(torch.tensor([[0.0], [1.0], [9.0], [5.0]]), torch.tensor([0, 0, 0, 1]), 2, "median")
+        tensor([[1.],
+                [5.]])
     """
-    one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (..., NK, ways)
-    sums = one_hot.transpose(-1, -2) @ support_z
-    return sums / one_hot.sum(-2).unsqueeze(-1)
+    if aggregation == "mean":
+        one_hot = F.one_hot(support_y, ways).to(support_z.dtype)  # (..., NK, ways)
+        sums = one_hot.transpose(-1, -2) @ support_z
+        return sums / one_hot.sum(-2).unsqueeze(-1)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    if support_z.dim() > 2:  # task stacks: one task at a time
+        return torch.stack([prototypes(z, y, ways, aggregation) for z, y in zip(support_z, support_y)])
+    return torch.stack([_robust_centre(support_z[support_y == c], aggregation) for c in range(ways)])
+
+
+def _robust_centre(members: Tensor, aggregation: str) -> Tensor:
+    """A robust centre `(D,)` of one class's embeddings `(k, D)`."""
+    if aggregation == "median":
+        return members.quantile(0.5, dim=0)  # the middle pair's mean for an even count
+    if aggregation == "trimmed-mean":
+        cut = int(_TRIM * len(members))
+        return members.sort(0).values[cut:len(members) - cut].mean(0)
+    distances = (members - _robust_centre(members, "median")).pow(2).sum(-1)
+    weights = torch.softmax(-distances / distances.mean().clamp_min(1e-12), 0)
+    return weights @ members
 
 
 def proto_logits(query_z: Tensor, protos: Tensor) -> Tensor:
@@ -36,6 +66,8 @@ def proto_logits(query_z: Tensor, protos: Tensor) -> Tensor:
 class ProtoNet(Learner):
     """Prototypical Networks over any embedding `encoder`.
 
+    `aggregation` makes a class's prototype from its support embeddings: "mean" (the paper) or, for
+    support sets with noisy labels, "median", "trimmed-mean" or "weighted" (`prototypes`).
     Each episode's support and query images are embedded in one forward pass, so BatchNorm sees
     the episode's statistics (transductive, as in the reference implementation and in MAML).
     `precision="bf16"` embeds under CPU bf16 autocast (weights and gradients stay float32).
@@ -52,10 +84,13 @@ class ProtoNet(Learner):
 
     task = "classification"
 
-    def __init__(self, encoder: nn.Module, fold: bool = False, precision: str = "fp32") -> None:
+    def __init__(self, encoder: nn.Module, fold: bool = False, precision: str = "fp32", aggregation: str = "mean") -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        self.aggregation = aggregation
         if fold and not can_fold(encoder):
             raise ValueError("fold=True needs an encoder of per-example layers and BatchNorm without running "
                              "statistics (functional.fold.can_fold); this encoder has other layers")
@@ -72,7 +107,7 @@ class ProtoNet(Learner):
         ways = int(support_y.max()) + 1
         z = self._embed(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
-        return proto_logits(z[n:], prototypes(z[:n], support_y, ways))
+        return proto_logits(z[n:], prototypes(z[:n], support_y, ways, self.aggregation))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> EpisodePredictor:
         """Returns a predictor for the episode whose support set is given."""
@@ -86,7 +121,7 @@ class ProtoNet(Learner):
         n = batch.support_x.shape[1]
         z = fold_call(self.encoder, torch.cat([batch.support_x, batch.query_x], 1)).flatten(2)
         ways = int(batch.support_y.max()) + 1
-        return proto_logits(z[:, n:], prototypes(z[:, :n], batch.support_y, ways))
+        return proto_logits(z[:, n:], prototypes(z[:, :n], batch.support_y, ways, self.aggregation))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query cross-entropy over the batch, and metrics (means over tasks).

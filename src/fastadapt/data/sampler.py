@@ -79,6 +79,10 @@ class EpisodeSampler:
                 f"examples of class {classes[smallest].item()!r} (every class needs at least {need})"
             )
 
+    def episode_classes(self, index: int) -> np.ndarray:
+        """The class positions (in the sorted distinct labels) episode `index` draws, in label order 0..ways-1."""
+        return episode_rng(self.seed, index).choice(len(self._members), size=self.ways, replace=False)
+
     def episode_indices(self, index: int) -> tuple[Tensor, Tensor]:
         """Dataset indices of episode `index`: support `(ways*shots,)` and query `(ways*queries,)`, class-major."""
         rng = episode_rng(self.seed, index)
@@ -86,6 +90,16 @@ class EpisodeSampler:
         need = self.shots + self.queries
         picks = np.stack([rng.choice(self._members[c], size=need, replace=False) for c in chosen])
         return torch.from_numpy(picks[:, : self.shots].reshape(-1)), torch.from_numpy(picks[:, self.shots :].reshape(-1))
+
+    def outside_examples(self, index: int, count: int, rng: np.random.Generator) -> Tensor:
+        """Inputs of `count` examples from `count` distinct classes that episode `index` does not use
+        (outliers for its support set), drawn from `rng`."""
+        inside = set(self.episode_classes(index).tolist())
+        others = np.array([c for c in range(len(self._members)) if c not in inside])
+        if count > len(others):
+            raise ValueError(f"{count} outliers need {count} classes outside the episode; the dataset has {len(others)}")
+        classes = rng.choice(others, size=count, replace=False)
+        return _gather(self.dataset, torch.from_numpy(np.array([rng.choice(self._members[c]) for c in classes])))
 
     def episode(self, index: int) -> Episode:
         """Episode `index` (a pure function of the seed and `index`)."""

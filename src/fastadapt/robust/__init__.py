@@ -1,6 +1,8 @@
 """Robustness of meta-learned models: attacks on functions of the input (FGSM, PGD in L-inf and L2
 balls) and every learner's metrics under attack after adaptation (over fixed episodes:
-`fastadapt.training.evaluate_under_attack`; of a run directory: `fastadapt.robust.evaluate`).
+`fastadapt.training.evaluate_under_attack`; of a run directory: `fastadapt.robust.evaluate`);
+input corruptions on the support set, the query set or both (`corrupt`, `corrupted_batch`,
+`training.evaluate_corrupted`); label noise in support sets (`NoisyLabels`, a task source).
 
 Example:
     >>> attack = pgd(8 / 255, steps=10)
@@ -11,8 +13,9 @@ Example:
 from .attacks import Attack, default_loss, fgsm, pgd
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_batch
 from .evaluation import attack_generator, attacked_task_metrics
+from .label_noise import NOISE_KINDS, NoisyLabels, noisy_per_class
 
-__all__ = ["Attack", "CORRUPTIONS", "SEVERITIES", "attack_generator", "attacked_task_metrics", "corrupt",
+__all__ = ["Attack", "CORRUPTIONS", "NOISE_KINDS", "NoisyLabels", "SEVERITIES", "attack_generator", "noisy_per_class", "attacked_task_metrics", "corrupt",
            "corrupted_batch", "default_loss", "evaluate", "fgsm", "pgd"]
 
 

@@ -197,6 +197,15 @@ class BaselineKeys(_Section):
     head: Literal["linear", "cosine"] = Field("linear", description="linear (Baseline) or cosine (Baseline++)")
 
 
+class ProtoNetKeys(_Section):
+    title: ClassVar[str] = "Prototypical Networks"
+    applies_to: ClassVar[tuple[str, ...] | None] = ("protonet",)
+    aggregation: Literal["mean", "median", "trimmed-mean", "weighted"] = Field(
+        "mean", description="a class's prototype from its support embeddings: the mean (the paper), or robust to "
+        "noisy labels: the median, the mean without the top and bottom fifth, or a mean weighted by closeness to "
+        "the median")
+
+
 class MatchingKeys(_Section):
     title: ClassVar[str] = "Matching Networks"
     applies_to: ClassVar[tuple[str, ...] | None] = ("matchingnet",)
@@ -207,10 +216,10 @@ class MatchingKeys(_Section):
 
 
 SECTIONS: tuple[type[_Section], ...] = (RunKeys, DataKeys, ModelKeys, OuterKeys, InnerKeys, MamlPlusPlusKeys,
-                                        ImamlKeys, ReptileKeys, BaselineKeys, MatchingKeys)
+                                        ImamlKeys, ReptileKeys, BaselineKeys, ProtoNetKeys, MatchingKeys)
 
 
-class Config(MatchingKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
+class Config(MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
              ModelKeys, DataKeys, RunKeys):
     """Everything a run depends on: the keys of every section. Defaults: MAML on sinusoid regression
     (the embedded default). Construction validates; a bad key or value is a `ConfigError`.

@@ -105,7 +105,7 @@ def _new_learner(config: Config) -> Learner:
             model = Conv4(channels, ways, hidden=64 if channels == 1 else 32, image_size=size,
                           track_running_stats=running, pooling="stride" if config.backbone == "conv4-strided" else "max")
     if config.algorithm == "protonet":
-        return ProtoNet(model, precision=config.precision)
+        return ProtoNet(model, precision=config.precision, aggregation=config.aggregation)
     if config.algorithm == "matchingnet":
         return MatchingNet(model, fce=config.fce, fce_steps=config.fce_steps,
                            similarity=config.similarity)  # type: ignore[arg-type]

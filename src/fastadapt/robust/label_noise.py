@@ -1,0 +1,105 @@
+"""Label noise in support sets, the three kinds of the noisy few-shot literature (e.g. Liang et al.
+2022), at a given rate, with the true class keeping a plurality of every label:
+
+- `symmetric`: in every class, `m = round(rate * shots)` support examples take the label of another
+  class (a random exchange among all classes' picked examples, none keeping its own label);
+- `pair`: class c's `m` picked examples take label c+1 (mod ways), as a fixed confusion;
+- `outlier`: class c's `m` picked examples are replaced by images of classes outside the episode
+  (one class each), keeping label c.
+
+Every label still has `shots` examples, `shots - m` of its own class, and at most `m` of any one
+other source: a plurality needs `2m < shots` (1- and 2-shot episodes allow no noise); a rate that
+rounds to no noisy example, or loses the plurality, is refused.
+
+Example:
+    >>> import torch
+    >>> from fastadapt.data import EpisodeSampler, ImageClassDataset
+    >>> data = ImageClassDataset(torch.zeros(200, 1, 8, 8, dtype=torch.uint8), torch.arange(200) // 10)
+    >>> noisy = NoisyLabels(EpisodeSampler(data, ways=5, shots=5, queries=2, seed=0), "pair", 0.4)
+    >>> noisy.noisy_per_class, noisy.task_batch(0, 2).support_y.shape
+    (2, torch.Size([2, 25]))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.episodes import Episode, TaskBatch
+from ..data.sampler import EpisodeSampler
+
+__all__ = ["NOISE_KINDS", "NoisyLabels", "noisy_per_class"]
+
+NOISE_KINDS = ("symmetric", "pair", "outlier")
+_NOISE_STREAM = 4  # the third key of the noise's seed sequence, apart from the episode's own draws
+
+
+def noisy_per_class(rate: float, shots: int) -> int:
+    """How many of a class's `shots` support examples are noisy at `rate`, with the plurality kept.
+
+    Example:
+        >>> noisy_per_class(0.4, 5), noisy_per_class(0.2, 5)
+        (2, 1)
+    """
+    if not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
+        raise ValueError(f"a label-noise rate must be a number in [0, 1], got {rate!r}")
+    noisy = round(rate * shots)
+    if rate > 0 and noisy == 0:
+        raise ValueError(f"rate {rate} gives no noisy example of {shots} shots (rate * shots rounds to 0); "
+                         f"the smallest rate that does is {1 / shots:g}")
+    if 2 * noisy >= shots and noisy > 0:
+        raise ValueError(f"rate {rate} makes {noisy} of {shots} shots noisy: the true class would not keep a "
+                         f"plurality (it needs more than half of the shots; at most {(shots - 1) // 2} noisy)")
+    return noisy
+
+
+class NoisyLabels:
+    """A task source: the episodes of `sampler` with label noise of `kind` in their support sets
+    (queries stay clean), the noise of episode `i` drawn from (seed, i): the same for any batch.
+    """
+
+    def __init__(self, sampler: EpisodeSampler, kind: str, rate: float) -> None:
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"label-noise kind must be one of {', '.join(NOISE_KINDS)}, got {kind!r}")
+        self.sampler, self.kind, self.rate = sampler, kind, rate
+        self.noisy_per_class = noisy_per_class(rate, sampler.shots)
+        self.seed = sampler.seed
+
+    def episode(self, index: int) -> Episode:
+        """Episode `index`, its support set noisy."""
+        return self.task_batch(index, 1)[0]
+
+    def task_batch(self, start: int, size: int) -> TaskBatch:
+        """Episodes `start .. start+size-1`, stacked, their support sets noisy."""
+        batch = self.sampler.task_batch(start, size)
+        if self.noisy_per_class == 0:
+            return batch
+        support_x, support_y = batch.support_x.clone(), batch.support_y.clone()
+        for t in range(size):
+            rng = np.random.default_rng([self.seed, start + t, _NOISE_STREAM])
+            self._add_noise(support_x[t], support_y[t], rng, start + t)
+        return TaskBatch(support_x, support_y, batch.query_x, batch.query_y)
+
+    def _add_noise(self, x: Tensor, y: Tensor, rng: np.random.Generator, index: int) -> None:
+        """Noise into one episode's support set `x (N*K, ...)`, `y (N*K,)`, in place."""
+        ways, m = self.sampler.ways, self.noisy_per_class
+        labels = y.numpy()
+        picked = np.stack([rng.choice(np.flatnonzero(labels == c), size=m, replace=False) for c in range(ways)])
+        if self.kind == "pair":
+            y[torch.from_numpy(picked.reshape(-1))] = torch.from_numpy(np.repeat((np.arange(ways) + 1) % ways, m))
+        elif self.kind == "symmetric":
+            y[torch.from_numpy(picked.reshape(-1))] = torch.from_numpy(_exchange(ways, m, rng))
+        else:
+            x[torch.from_numpy(picked.reshape(-1))] = self.sampler.outside_examples(index, ways * m, rng).to(x.dtype)
+
+
+def _exchange(ways: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """New labels for `m` picked examples of each of `ways` classes (class-major): every label given
+    `m` times, none to an example of its own class (a random permutation, redrawn until it is one)."""
+    own = np.repeat(np.arange(ways), m)
+    for _ in range(1000):
+        new = rng.permutation(own)
+        if not (new == own).any():
+            return new
+    return (own + rng.integers(1, ways)) % ways  # a shifted assignment: always valid
