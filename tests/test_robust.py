@@ -153,7 +153,7 @@ def test_every_learner_is_attacked_after_adaptation(algorithm):
     assert again["accuracy"].mean == attacked["accuracy"].mean and again["loss"].mean == attacked["loss"].mean
 
 
-def test_the_robustness_command_writes_every_radius_and_the_clean_number(tmp_path, capsys):
+def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_path, capsys):
     import json
 
     import fastadapt
@@ -167,21 +167,33 @@ def test_the_robustness_command_writes_every_radius_and_the_clean_number(tmp_pat
     fastadapt.train({"algorithm": "protonet", "dataset": "bands", "backbone": "conv4", "ways": 5, "shots": 1,
                      "queries": 2, "eval_queries": 3, "meta_batch": 1, "iterations": 5, "eval_episodes": 4, "threads": 1},
                     run, progress=False)
-    command = ["robustness", str(run), "--eps", "0.2", "0.05", "--steps", "3", "--episodes", "6"]
+    command = ["robustness", str(run), "--eps", "0.2", "0.05", "--steps", "3", "--episodes", "6",
+               "--corruption", "rotation:2", "contrast:all", "--corrupt", "query", "--shots", "5",
+               "--label-noise", "pair:0.4", "outlier:0.2"]
     assert main(command) == 0
     printed = capsys.readouterr().out
-    assert "eps 0 " in printed and "eps 0.05 " in printed and "eps 0.2 " in printed
+    for label in ("clean", "pgd linf eps 0.05 (queries)", "pgd linf eps 0.2", "rotation severity 2 (query)",
+                  "contrast severity 5 (query)", "label noise pair 0.4", "label noise outlier 0.2"):
+        assert label in printed, printed
     files = list((run / "robustness").glob("*.json"))
-    assert [f.name for f in files] == ["bands-5w1s-query-pgd-linf-3steps-6ep.json"]
+    assert len(files) == 1 and files[0].name.startswith("bands-5w5s-6ep-")
     result = json.loads(files[0].read_text())
-    accuracy = [c["metrics"]["accuracy"]["mean"] for c in result["conditions"]]
-    assert [c["eps"] for c in result["conditions"]] == [0.0, 0.05, 0.2]
-    clean = fastadapt.evaluate(run, episodes=6)
-    assert accuracy[0] == pytest.approx(clean["mean"], abs=1e-9)
+    conditions = result["conditions"]
+    assert [c["condition"] for c in conditions] == ["clean", "attack", "attack", "label_noise", "label_noise",
+                                                    *["corruption"] * 6]
+    assert [c.get("eps") for c in conditions[:3]] == [None, 0.05, 0.2]
+    accuracy = [c["metrics"]["accuracy"]["mean"] for c in conditions]
+    assert accuracy[0] == pytest.approx(fastadapt.evaluate(run, episodes=6, shots=5)["mean"], abs=1e-9)
     assert accuracy[2] < accuracy[0]
     assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
-    assert main(["robustness", str(run), "--attack", "fgsm", "--steps", "3", "--eps", "0.1"]) == 2
-    assert "--attack fgsm is one L-inf step" in capsys.readouterr().err
+    for bad, message in ((["--attack", "fgsm", "--steps", "3", "--eps", "0.1"], "--attack fgsm is one L-inf step"),
+                         (["--label-noise", "all"], "1-shot support sets allow no label noise"),
+                         (["--label-noise", "swap:0.2", "--shots", "5"], "the kind must be one of symmetric, pair"),
+                         (["--corruption", "fog:2"], "unknown corruption 'fog'"),
+                         (["--corruption", "contrast:9"], "a severity 1-5"),
+                         ([], "robustness needs a condition")):
+        assert main(["robustness", str(run), *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(__import__("fastadapt.robust", fromlist=["CORRUPTIONS"]).CORRUPTIONS))

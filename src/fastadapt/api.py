@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -18,8 +19,9 @@ from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
                                   load_module_tensors, ranked_validation_steps)
 from .training.config import Config, ConfigError
-from .robust import Attack
-from .training.evaluate import evaluate_ensemble, evaluate_learner, evaluate_under_attack
+from .data.sampler import DeviceTasks, TaskSource
+from .robust import Attack, NoisyLabels
+from .training.evaluate import Estimate, evaluate_corrupted, evaluate_ensemble, evaluate_learner, evaluate_under_attack
 from .training.experiment import build_learner, test_source
 from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
@@ -161,19 +163,22 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     return result
 
 
-def evaluate_robustness(run_dir: PathLike, attack: Attack, eps: Sequence[float], *, episodes: int = 1000,
-                        ways: int | None = None, shots: int | None = None, queries: int | None = None,
-                        inner_steps: int | None = None, dataset: str | None = None, device: str | None = None,
-                        threads: int | None = None) -> dict[str, Any]:
-    """A trained classification run (its best checkpoint, else its newest) under `attack` at each
-    radius in `eps` (0, the clean evaluation, is always included): the learner adapts to each fixed
-    test episode's clean support set and its predictor is attacked on the queries. Other ways /
+def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps: Sequence[float] = (),
+                        label_noise: Sequence[tuple[str, float]] = (), corruptions: Sequence[tuple[str, int]] = (),
+                        corrupt: str = "both", episodes: int = 1000, ways: int | None = None, shots: int | None = None,
+                        queries: int | None = None, inner_steps: int | None = None, dataset: str | None = None,
+                        device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """A trained classification run (its best checkpoint, else its newest) on fixed test episodes
+    under each condition, one at a time, after the clean evaluation: `attack` at each radius in
+    `eps` (the learner adapts to the clean support set, its predictor is attacked on the queries),
+    each `(kind, rate)` of `label_noise` in the support sets (`robust.NoisyLabels`), each `(name,
+    severity)` of `corruptions` on the support set, the query set or both (`corrupt`). Other ways /
     shots / queries / inner steps / `dataset` as in `evaluate`. Writes
     `RUN_DIR/robustness/<...>.json` and returns it (also `fastadapt.robust.evaluate`).
 
     Example:
         >>> from fastadapt.robust import pgd
-        >>> result = fastadapt.robust.evaluate("runs/maml-omniglot", pgd(0.0, steps=10), [0.05, 0.1])  # doctest: +SKIP
+        >>> result = fastadapt.robust.evaluate("runs/maml-omniglot", attack=pgd(0.0), eps=[0.05, 0.1])  # doctest: +SKIP
         >>> [c["metrics"]["accuracy"]["mean"] for c in result["conditions"]]  # doctest: +SKIP
         [0.95..., 0.6..., 0.2...]
     """
@@ -188,32 +193,57 @@ def evaluate_robustness(run_dir: PathLike, attack: Attack, eps: Sequence[float],
         config = config.replace(threads=threads)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
-    radii = sorted({0.0, *(float(e) for e in eps)})
-    if radii[0] < 0:
-        raise ConfigError(f"eps must be >= 0, got {radii[0]}")
+    if eps and attack is None:
+        raise ConfigError("eps needs an attack (attack=pgd(...) or fgsm(...); --attack)")
+    if any(e < 0 for e in eps):
+        raise ConfigError(f"eps must be >= 0, got {min(eps)}")
     learner = load(run_dir, device=device)
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
+    runs: list[tuple[dict[str, Any], Callable[[], dict[str, Estimate]]]] = [
+        ({"condition": "clean"}, lambda: evaluate_learner(learner, tasks, episodes, inner_steps=steps))]
+    for radius in sorted({float(e) for e in eps} - {0.0}):
+        runs.append(({"condition": "attack", "eps": radius},
+                     lambda r=radius: evaluate_under_attack(learner, tasks, dataclasses.replace(attack, eps=r), episodes,
+                                                            inner_steps=steps)))
+    for kind, rate in label_noise:
+        noisy = _noisy(tasks, kind, rate)
+        runs.append(({"condition": "label_noise", "kind": kind, "rate": rate},
+                     lambda source=noisy: evaluate_learner(learner, source, episodes, inner_steps=steps)))
+    for name, severity in corruptions:
+        runs.append(({"condition": "corruption", "name": name, "severity": severity, "where": corrupt},
+                     lambda n=name, v=severity: evaluate_corrupted(learner, tasks, n, v, corrupt, episodes,
+                                                                   inner_steps=steps)))
     conditions = []
     with torch_threads(config.threads):
-        for radius in radii:
-            estimates = evaluate_under_attack(learner, tasks, dataclasses.replace(attack, eps=radius), episodes,
-                                              inner_steps=steps)
-            conditions.append({"eps": radius, "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}})
+        for condition, measure in runs:
+            estimates = measure()
+            conditions.append({**condition, "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}})
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
-    kind = "fgsm" if attack.steps == 1 else "pgd"
     result = {
         "dataset": dataset or config.dataset, "trained_on": config.dataset, "ways": ways, "shots": shots,
         "queries": queries, "episodes": episodes, "eval_seed": config.eval_seed,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
-        "target": "query", "attack": {"kind": kind, "norm": attack.norm, "steps": attack.steps,
-                                      "step_size": attack.step_size, "random_start": attack.random_start,
-                                      "bounds": list(attack.bounds) if attack.bounds else None},
+        "attack": None if attack is None else {
+            "kind": "fgsm" if attack.steps == 1 else "pgd", "norm": attack.norm, "steps": attack.steps,
+            "step_size": attack.step_size, "random_start": attack.random_start, "target": "query",
+            "bounds": list(attack.bounds) if attack.bounds else None},
         "conditions": conditions,
     }
-    tag = f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s-query-{kind}-{attack.norm}-{attack.steps}steps-{episodes}ep"
+    digest = hashlib.sha1(json.dumps([result["attack"], [c for c, _ in runs]], sort_keys=True).encode()).hexdigest()[:8]
+    tag = f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s-{episodes}ep-{digest}"
     write_json(run_dir / "robustness" / f"{tag}.json", result)
     return result
+
+
+def _noisy(tasks: TaskSource, kind: str, rate: float) -> TaskSource:
+    """`tasks` with label noise in the support sets (drawn on the CPU, then placed as `tasks` is)."""
+    if isinstance(tasks, DeviceTasks):
+        return DeviceTasks(_noisy(tasks.source, kind, rate), tasks.device)
+    try:
+        return NoisyLabels(tasks, kind, rate)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise ConfigError(f"label noise {kind}:{rate}: {error}") from None
 
 
 def load(run_dir: PathLike, *, device: str | None = None) -> Learner:

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from . import __version__
 from .api import default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
-from .robust import fgsm, pgd
+from .robust import CORRUPTIONS, NOISE_KINDS, SEVERITIES, fgsm, noisy_per_class, pgd
+from .robust.corruptions import WHERE
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
@@ -122,20 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
 
-    rob = commands.add_parser("robustness", help="a trained run under adversarial attack after adaptation",
-                              description="Evaluate a trained classification run on fixed test episodes with its "
-                              "query sets attacked after adaptation, at each radius (and 0, the clean number); "
-                              "writes RUN_DIR/robustness/<...>.json.")
+    rob = commands.add_parser("robustness", help="a trained run under attack, label noise or corruption",
+                              description="Evaluate a trained classification run on fixed test episodes, clean and "
+                              "under each condition given, one at a time: an attack on the query sets after "
+                              "adaptation at each radius, label noise in the support sets, input corruptions; "
+                              "mean +- 95%% CI each, written to RUN_DIR/robustness/<...>.json.")
     rob.add_argument("run_dir", type=Path)
+    rob.add_argument("--eps", type=_radius, nargs="+", default=[], help="attack radii (inputs lie in [0, 1])")
     rob.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="fgsm (one step) or pgd (default)")
     rob.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the ball (default linf; fgsm: linf)")
-    rob.add_argument("--eps", type=_radius, nargs="+", required=True, help="one or more radii (inputs lie in [0, 1])")
     rob.add_argument("--steps", type=_flag_type("inner_steps"), default=10, help="pgd steps (default 10)")
     rob.add_argument("--step-size", type=_flag_type("inner_lr"), help="pgd step size (default 2.5 * eps / steps)")
     rob.add_argument("--random-start", action=argparse.BooleanOptionalAction,
                      help="start from a random point of the ball (default: pgd yes, fgsm no)")
     rob.add_argument("--target", choices=("query",), default="query", help="what the attacker perturbs: the query "
                      "set after adaptation")
+    rob.add_argument("--label-noise", nargs="+", default=[], metavar="KIND:RATE",
+                     help=f"support-set label noise, {', '.join(NOISE_KINDS)} at a rate (symmetric:0.4), or all (every "
+                     "kind at every rate the shots allow with the true class keeping a plurality)")
+    rob.add_argument("--corruption", nargs="+", default=[], metavar="NAME:SEVERITY",
+                     help=f"input corruptions at severity 1-5 (NAME:all for the five, all for every one): "
+                     f"{', '.join(sorted(CORRUPTIONS))}")
+    rob.add_argument("--corrupt", choices=WHERE, default="both", help="which inputs corruptions reach: support, "
+                     "query or both (default; support-query shift: one of the two)")
     rob.add_argument("--episodes", type=_flag_type("eval_episodes"), default=1000, help="test episodes (default 1000)")
     _add_key_flag(rob, "dataset", "attack on this dataset's test split instead (cross-domain)")
     for key in ("ways", "shots"):
@@ -245,21 +255,82 @@ def _radius(text: str) -> float:
 
 
 def _robustness(args: argparse.Namespace) -> None:
+    if not (args.eps or args.label_noise or args.corruption):
+        raise ConfigError("robustness needs a condition: --eps (an attack), --label-noise or --corruption")
     if args.attack == "fgsm" and (args.norm != "linf" or args.steps != 10 or args.step_size is not None):
         raise ConfigError("--attack fgsm is one L-inf step of eps (1.25 eps from a random start): it takes no --norm, "
                           "--steps or --step-size")
     attack = (fgsm(0.0, random_start=bool(args.random_start)) if args.attack == "fgsm" else
               pgd(0.0, norm=args.norm, steps=args.steps, step_size=args.step_size,
                   random_start=True if args.random_start is None else args.random_start))
-    result = evaluate_robustness(args.run_dir, attack, args.eps, episodes=args.episodes, ways=args.ways,
-                                 shots=args.shots, queries=args.queries, inner_steps=args.inner_steps,
-                                 dataset=args.dataset, device=args.device, threads=args.threads)
+    shots = args.shots or run_config(args.run_dir).shots
+    result = evaluate_robustness(args.run_dir, attack=attack if args.eps else None, eps=args.eps,
+                                 label_noise=_noise_conditions(args.label_noise, shots),
+                                 corruptions=_corruption_conditions(args.corruption), corrupt=args.corrupt,
+                                 episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
+                                 inner_steps=args.inner_steps, dataset=args.dataset, device=args.device,
+                                 threads=args.threads)
     where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
-    print(f"{result['ways']}-way {result['shots']}-shot{where}, {args.attack} {attack.norm} on the queries after "
-          f"adaptation ({result['episodes']} episodes, 95% CI):")
+    print(f"{result['ways']}-way {result['shots']}-shot{where}, {result['episodes']} episodes, accuracy (95% CI):")
     for condition in result["conditions"]:
         accuracy = condition["metrics"]["accuracy"]
-        print(f"  eps {condition['eps']:<8g} accuracy {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
+        print(f"  {_condition_label(condition, args.attack, attack.norm):<40} {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
+
+
+def _condition_label(condition: dict[str, Any], attack: str, norm: str) -> str:
+    kind = condition["condition"]
+    if kind == "attack":
+        return f"{attack} {norm} eps {condition['eps']:g} (queries)"
+    if kind == "label_noise":
+        return f"label noise {condition['kind']} {condition['rate']:g}"
+    if kind == "corruption":
+        return f"{condition['name']} severity {condition['severity']} ({condition['where']})"
+    return "clean"
+
+
+def _noise_conditions(specs: Sequence[str], shots: int) -> list[tuple[str, float]]:
+    """`KIND:RATE` or `all` -> (kind, rate) pairs; each checked for the run's shots."""
+    out: list[tuple[str, float]] = []
+    for spec in specs:
+        if spec == "all":
+            rates = [m / shots for m in range(1, (shots - 1) // 2 + 1)]
+            if not rates:
+                raise ConfigError(f"--label-noise all: {shots}-shot support sets allow no label noise with the true "
+                                  "class keeping a plurality (--shots 3 or more)")
+            out += [(kind, rate) for kind in NOISE_KINDS for rate in rates]
+            continue
+        kind, _, text = spec.partition(":")
+        try:
+            rate = float(text)
+        except ValueError:
+            raise ConfigError(f"--label-noise expects KIND:RATE (e.g. symmetric:0.4) or all, got {spec!r}") from None
+        if kind not in NOISE_KINDS:
+            raise ConfigError(f"--label-noise {spec!r}: the kind must be one of {', '.join(NOISE_KINDS)}")
+        try:
+            noisy_per_class(rate, shots)
+        except ValueError as error:
+            raise ConfigError(f"--label-noise {spec!r}: {error}") from None
+        out.append((kind, rate))
+    return out
+
+
+def _corruption_conditions(specs: Sequence[str]) -> list[tuple[str, int]]:
+    """`NAME:SEVERITY`, `NAME:all` or `all` -> (name, severity) pairs."""
+    out: list[tuple[str, int]] = []
+    for spec in specs:
+        if spec == "all":
+            out += [(name, severity) for name in sorted(CORRUPTIONS) for severity in SEVERITIES]
+            continue
+        name, _, text = spec.partition(":")
+        if name not in CORRUPTIONS:
+            raise ConfigError(f"--corruption {spec!r}: unknown corruption {name!r}; known: {', '.join(sorted(CORRUPTIONS))}")
+        if text == "all":
+            out += [(name, severity) for severity in SEVERITIES]
+        elif text.isdigit() and int(text) in SEVERITIES:
+            out.append((name, int(text)))
+        else:
+            raise ConfigError(f"--corruption expects NAME:SEVERITY with a severity 1-5, NAME:all or all, got {spec!r}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
