@@ -172,8 +172,8 @@ def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_
                "--label-noise", "pair:0.4", "outlier:0.2"]
     assert main(command) == 0
     printed = capsys.readouterr().out
-    for label in ("clean", "pgd linf eps 0.05 (queries)", "pgd linf eps 0.2", "rotation severity 2 (query)",
-                  "contrast severity 5 (query)", "label noise pair 0.4", "label noise outlier 0.2"):
+    for label in ("clean", "attack eps 0.05 (pgd linf, queries)", "attack eps 0.2", "rotation 2 (query)",
+                  "contrast 5 (query)", "label noise pair 0.4", "label noise outlier 0.2"):
         assert label in printed, printed
     files = list((run / "robustness").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith("bands-5w5s-6ep-")
@@ -304,3 +304,34 @@ def test_robust_prototypes_equal_the_mean_with_one_shot_and_resist_an_outlier(ag
     labels = torch.zeros(6, dtype=torch.long)
     robust = prototypes(outlier, labels, 1, aggregation)[0]
     assert (robust - members.mean(0)).norm() < 0.5 < (prototypes(outlier, labels, 1, "mean")[0] - members.mean(0)).norm()
+
+
+def test_the_report_draws_and_tabulates_robustness_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from fastadapt.training.report import write_report
+
+    run = tmp_path / "run"
+    (run / "robustness").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algorithm": "maml", "dataset": "omniglot", "ways": 5, "shots": 5}))
+
+    def row(condition, mean, **keys):
+        return {"condition": condition, **keys, "metrics": {"accuracy": {"mean": mean, "ci95": 0.01}}}
+
+    (run / "robustness" / "a.json").write_text(json.dumps({
+        "dataset": "omniglot", "ways": 5, "shots": 5, "episodes": 100, "attack": {"kind": "pgd", "norm": "linf"},
+        "conditions": [row("clean", 0.9), row("attack", 0.5, eps=0.1), row("attack", 0.2, eps=0.2),
+                       row("label_noise", 0.8, kind="pair", rate=0.4),
+                       row("corruption", 0.7, name="rotation", severity=3, where="query")]}))
+    files = write_report([run], tmp_path / "report")
+    assert files.robustness is not None and files.robustness.stat().st_size > 10_000
+    text = files.markdown.read_text()
+    for line in ("| run | omniglot | 5 | 5 | 100 | attack eps 0.2 | 20.00 +- 1.00 |",
+                 "| label noise pair 0.4 | 80.00 +- 1.00 |", "| rotation 3 (query) | 70.00 +- 1.00 |",
+                 "![robustness](robustness.png)"):
+        assert line in text, text
+    (run / "robustness" / "a.json").write_text(json.dumps({"conditions": [{"condition": "fog"}]}))
+    with pytest.raises(ValueError, match="a.json: a condition needs 'condition'"):
+        write_report([run], tmp_path / "report2")
+    assert not (tmp_path / "report2").exists()

@@ -30,6 +30,7 @@ from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
 from .training.recipes import parse_overrides, run_recipe
+from .training.robustness_report import condition_label
 
 __all__ = ["main", "build_parser"]
 
@@ -274,18 +275,9 @@ def _robustness(args: argparse.Namespace) -> None:
     print(f"{result['ways']}-way {result['shots']}-shot{where}, {result['episodes']} episodes, accuracy (95% CI):")
     for condition in result["conditions"]:
         accuracy = condition["metrics"]["accuracy"]
-        print(f"  {_condition_label(condition, args.attack, attack.norm):<40} {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
-
-
-def _condition_label(condition: dict[str, Any], attack: str, norm: str) -> str:
-    kind = condition["condition"]
-    if kind == "attack":
-        return f"{attack} {norm} eps {condition['eps']:g} (queries)"
-    if kind == "label_noise":
-        return f"label noise {condition['kind']} {condition['rate']:g}"
-    if kind == "corruption":
-        return f"{condition['name']} severity {condition['severity']} ({condition['where']})"
-    return "clean"
+        label = condition_label(condition) + (f" ({args.attack} {attack.norm}, queries)"
+                                              if condition["condition"] == "attack" else "")
+        print(f"  {label:<44} {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
 
 
 def _noise_conditions(specs: Sequence[str], shots: int) -> list[tuple[str, float]]:

@@ -2,8 +2,9 @@
 
 A run directory holds `config.json`, `metrics.csv`, `results.json` once the run finished, and
 `evals/*.json` from later `fastadapt eval` calls. `write_report` reads and checks every run first,
-then writes `learning_curves.png`, `accuracy_vs_inner_steps.png`, `accuracy_vs_shots.png` and
-`report.md` into the output folder, each file atomically. Plotting needs matplotlib (the `report`
+then writes `learning_curves.png`, `accuracy_vs_inner_steps.png`, `accuracy_vs_shots.png`,
+`robustness.png` (when a run holds `robustness/*.json` from `fastadapt robustness`) and `report.md`
+into the output folder, each file atomically. Plotting needs matplotlib (the `report`
 extra); importing this module does not.
 
 Example:
@@ -16,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..io import atomic_path
+from .robustness_report import RobustnessResult, plot_robustness, read_robustness, robustness_table
 from .trainer import METRIC_COLUMNS
 
 if TYPE_CHECKING:
@@ -63,11 +66,13 @@ class ReportFiles:
     learning_curves: Path
     accuracy_vs_inner_steps: Path
     accuracy_vs_shots: Path
+    robustness: Path | None = None  # written when a run holds robustness results
 
     @property
     def paths(self) -> tuple[Path, ...]:
         """Every file written, the Markdown report first."""
-        return (self.markdown, self.learning_curves, self.accuracy_vs_inner_steps, self.accuracy_vs_shots)
+        written = (self.markdown, self.learning_curves, self.accuracy_vs_inner_steps, self.accuracy_vs_shots)
+        return written + ((self.robustness,) if self.robustness is not None else ())
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class RunData:
     rows: tuple[dict[str, Any], ...]
     results: dict[str, Any] | None
     evals: tuple[EvalPoint, ...] = field(default=())
+    robustness: tuple[RobustnessResult, ...] = field(default=())
 
     @property
     def finished(self) -> bool:
@@ -265,8 +271,9 @@ def load_run(path: Path) -> RunData:
         _number(results["mean"], results_path, "mean")
         _number(results["ci95"], results_path, "ci95")
     evals = tuple(_read_eval(p) for p in sorted((path / "evals").glob("*.json")))
-    name = config.get("name") or path.resolve().name
-    return RunData(path=path, name=str(name), config=config, rows=rows, results=results, evals=evals)
+    name = str(config.get("name") or path.resolve().name)
+    return RunData(path=path, name=name, config=config, rows=rows, results=results, evals=evals,
+                   robustness=tuple(read_robustness(path, name)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,6 +521,9 @@ def markdown_report(runs: Sequence[RunData], images: Sequence[tuple[str, str]] =
     header = ["run", "algorithm", "dataset", "ways", "shots", "metric", "mean +- 95% CI", "episodes", "wall time", "tasks/s"]
     lines = ["# fastadapt report", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_table_row(run)) + " |" for run in runs]
+    robustness = robustness_table([result for run in runs for result in run.robustness])
+    if robustness:
+        lines += ["", *robustness]
     if images:
         lines += ["", "## Plots", ""]
         for title, file in images:
@@ -564,6 +574,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> ReportFiles:
     images = [("learning curves", files.learning_curves.name),
               ("metric vs inner steps", files.accuracy_vs_inner_steps.name),
               ("metric vs shots", files.accuracy_vs_shots.name)]
+    if plot_robustness([result for run in runs for result in run.robustness], out_dir / "robustness.png"):
+        files = dataclasses.replace(files, robustness=out_dir / "robustness.png")
+        images.append(("robustness", "robustness.png"))
     with atomic_path(files.markdown) as tmp:
         tmp.write_text(markdown_report(runs, images))
     return files
