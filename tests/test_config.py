@@ -94,6 +94,7 @@ def test_types_are_strict_and_errors_name_key_value_and_what_is_allowed():
         ({"fce": 1}, "fce must be true or false, got 1 (int)"),
         ({"train_ways": 0}, "train_ways must be an integer >= 1, or null, got 0"),
         ({"channels": 2}, "channels must be one of 1, 3, or null; got 2"),
+        ({"meta_lr": float("inf")}, "meta_lr must be a number > 0, got inf"),
         ({"drop_rate": 1.0}, "drop_rate must be a number >= 0 and < 1, got 1.0"),
         ({"meta_lrr": 0.1}, "unknown config key 'meta_lrr' (did you mean 'meta_lr'?)"),
         ({1: 2}, "unknown config key 1"),
@@ -116,12 +117,21 @@ def test_a_run_directory_of_the_previous_release_loads_evaluates_and_resumes(tmp
     result = fastadapt.evaluate(run, episodes=2)
     stored = json.loads((run / "results.json").read_text())
     assert result["mean"] == pytest.approx(stored["mean"], rel=1e-6)  # the same numbers as when it was written
-    extended = tmp_path / "longer"
-    shutil.copytree(run, extended)
-    (extended / "results.json").unlink()
-    config = json.loads((extended / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())
     assert "image_size" not in config  # keys added since then take their defaults
-    assert fastadapt.api.run_config(extended).image_size is None
+    assert fastadapt.api.run_config(run).image_size is None
+    (run / "results.json").unlink()
+    resumed = fastadapt.train(out=run, resume=True, progress=False)  # its checkpoint, optimizer and random state
+    assert resumed["mean"] == pytest.approx(stored["mean"], rel=1e-6) and resumed["steps"] == stored["steps"]
+
+
+def test_maml_plus_plus_options_switched_off_under_another_algorithm_still_load():
+    """Earlier versions accepted a MAML++ option set to false or 0 (off) under any algorithm."""
+    config = Config.from_dict({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4",
+                               "per_step_inner_lr": False, "multi_step_loss_iterations": 0})
+    assert config.per_step_inner_lr is False
+    with pytest.raises(ConfigError, match="per_step_inner_lr=True applies to the MAML family"):
+        Config.from_dict({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4", "per_step_inner_lr": True})
 
 
 def test_every_config_the_previous_release_wrote_still_loads():

@@ -85,6 +85,9 @@ def test_epsilon_zero_returns_the_inputs_and_targeted_attacks_move_towards_the_t
     x, y = _data()
     net = _net()
     assert torch.equal(pgd(0.0)(net, x, y), x) and torch.equal(fgsm(0.0)(net, x, y), x)
+    with pytest.raises(ValueError, match=r"inputs lie in .*, outside the attack's bounds \(0.0, 1.0\)"):
+        pgd(0.1)(net, x * 3 - 1, y)
+    assert (pgd(0.1, bounds=None)(net, x * 3 - 1, y) - (x * 3 - 1)).abs().max() <= 0.1 + 1e-6
     target = (y + 1) % 5
     with torch.no_grad():
         before = default_loss(net(x), target)
@@ -186,6 +189,14 @@ def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_
     assert accuracy[0] == pytest.approx(fastadapt.evaluate(run, episodes=6, shots=5)["mean"], abs=1e-9)
     assert accuracy[2] < accuracy[0]
     assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
+    from fastadapt.training.config import ConfigError
+
+    for bad, message in (({"corruptions": [("fog", 2)]}, "corruption fog:2: unknown corruption 'fog'"),
+                         ({"attack": pgd(0.0), "eps": [float("nan")]}, "eps must be finite numbers >= 0, got nan"),
+                         ({"label_noise": [("pair", 0.3)], "shots": 5}, "label noise pair:0.3: rate 0.3 is not a whole")):
+        with pytest.raises(ConfigError, match=message):  # before any episode is evaluated
+            fastadapt.robust.evaluate(run, episodes=2, **bad)
+    assert len(list((run / "robustness").glob("*.json"))) == 1
     for bad, message in ((["--attack", "fgsm", "--steps", "3", "--eps", "0.1"], "--attack fgsm is one L-inf step"),
                          (["--label-noise", "all"], "1-shot support sets allow no label noise"),
                          (["--label-noise", "swap:0.2", "--shots", "5"], "the kind must be one of symmetric, pair"),
@@ -243,7 +254,7 @@ def test_a_protonet_loses_accuracy_as_severity_grows():
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "pair", "outlier"])
-@pytest.mark.parametrize("shots, rate, noisy", [(5, 0.4, 2), (5, 0.2, 1), (7, 0.3, 2)])
+@pytest.mark.parametrize("shots, rate, noisy", [(5, 0.4, 2), (5, 0.2, 1), (7, 2 / 7, 2)])
 def test_label_noise_keeps_the_rate_and_the_true_class_a_plurality(kind, shots, rate, noisy):
     from fastadapt.robust.label_noise import NoisyLabels
 
@@ -283,10 +294,16 @@ def _true_classes(clean_x, clean_y, noisy_x, data):
 def test_noise_that_would_lose_the_plurality_is_refused():
     from fastadapt.robust.label_noise import NoisyLabels
 
-    with pytest.raises(ValueError, match="rate 0.6 makes 1 of 1 shots noisy: the true class would not keep a plurality"):
-        NoisyLabels(EpisodeSampler(_bands(), 5, 1, 1), "pair", 0.6)
-    with pytest.raises(ValueError, match=r"rate 0.05 gives no noisy example of 5 shots .* the smallest rate that does is 0.2"):
-        NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", 0.05)
+    with pytest.raises(ValueError, match="rate 1.0 makes 1 of 1 shots noisy: the true class would not keep a plurality"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 1, 1), "pair", 1.0)
+    with pytest.raises(ValueError, match="rate 0.5 makes 2 of 4 shots noisy"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 4, 1), "pair", 0.5)
+    for rate in (0.05, 0.3, 0.5):
+        with pytest.raises(ValueError, match=rf"rate {rate} is not a whole number of the 5 shots .*: 0.2, 0.4$"):
+            NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", rate)
+    with pytest.raises(ValueError, match="outlier noise at 0.4 needs 10 classes outside a 5-way episode, one per "
+                                         "outlier; the dataset has 5"):
+        NoisyLabels(EpisodeSampler(_bands(classes=10), 5, 5, 1), "outlier", 0.4)
     assert NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", 0.0).task_batch(0, 1).support_y.tolist() == \
         EpisodeSampler(_bands(), 5, 5, 1).task_batch(0, 1).support_y.tolist()
     with pytest.raises(ValueError, match="label-noise kind must be one of symmetric, pair, outlier, got 'flip'"):

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_
 from .training.config import Config, ConfigError
 from .data.sampler import DeviceTasks, TaskSource
 from .robust import Attack, NoisyLabels
+from .robust.corruptions import WHERE, check_corruption
 from .training.evaluate import Estimate, evaluate_corrupted, evaluate_ensemble, evaluate_learner, evaluate_under_attack
 from .training.experiment import build_learner, test_source
 from .training.recipes import load_recipe, saved_config
@@ -60,14 +62,16 @@ def run_config(run_dir: PathLike) -> Config:
 
 def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: PathLike | None = None, *,
           resume: bool = False, overrides: Mapping[str, Any] | None = None, device: str | None = None,
-          threads: int | None = None, task_workers: int | None = None, progress: bool = True,
+          threads: int | None = None, task_workers: int | None = None, data_workers: int | None = None,
+          progress: bool = True,
           on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Meta-trains and tests one config in a run directory; returns what `results.json` holds.
 
     `resume=True` continues the run in `out` from its newest valid checkpoint, with its own config.
-    `device` (cpu, cuda, cuda:N), `threads` (torch's intra-op threads) and `task_workers` (task
-    groups at once, config key `task_workers`) override where and on how many threads the run
-    trains, a resumed one included (none changes what it computes, beyond rounding).
+    `device` (cpu, cuda, cuda:N), `threads` (torch's intra-op threads), `task_workers` (task
+    groups at once) and `data_workers` (processes drawing task batches) override where and on how
+    many threads and processes the run trains, a resumed one included (none changes what it
+    computes, beyond rounding).
     `progress` shows a progress bar; `on_row` receives every logged metrics row.
 
     Example:
@@ -90,6 +94,8 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
         resolved = resolved.replace(threads=threads)
     if task_workers is not None:
         resolved = resolved.replace(task_workers=task_workers)
+    if data_workers is not None:
+        resolved = resolved.replace(data_workers=data_workers)
     run_dir = Path(out) if out is not None else default_run_dir(resolved)
     return Trainer(resolved, run_dir, progress=progress, on_row=on_row).fit(resume=resume)
 
@@ -129,9 +135,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         config = config.replace(eval_imaml_lambda=imaml_lambda)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
-    if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
-        raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
-                          f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
+    _check_ways(config, ways)
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
     checkpoints = _evaluated_checkpoints(run_dir, ensemble)
@@ -193,10 +197,19 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
         config = config.replace(threads=threads)
     if episodes < 2:
         raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
+    _check_ways(config, ways)
     if eps and attack is None:
         raise ConfigError("eps needs an attack (attack=pgd(...) or fgsm(...); --attack)")
-    if any(e < 0 for e in eps):
-        raise ConfigError(f"eps must be >= 0, got {min(eps)}")
+    for radius in eps:
+        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
+            raise ConfigError(f"eps must be finite numbers >= 0, got {radius!r}")
+    for name, severity in corruptions:
+        try:
+            check_corruption(name, severity)
+        except ValueError as error:
+            raise ConfigError(f"corruption {name}:{severity}: {error}") from None
+    if corrupt not in WHERE:
+        raise ConfigError(f"corrupt must be one of {', '.join(WHERE)}, got {corrupt!r}")
     learner = load(run_dir, device=device)
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
@@ -230,7 +243,8 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
             "bounds": list(attack.bounds) if attack.bounds else None},
         "conditions": conditions,
     }
-    digest = hashlib.sha1(json.dumps([result["attack"], [c for c, _ in runs]], sort_keys=True).encode()).hexdigest()[:8]
+    what = [result["attack"], [c for c, _ in runs], queries, result["inner_steps"], config.eval_seed]
+    digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
     tag = f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s-{episodes}ep-{digest}"
     write_json(run_dir / "robustness" / f"{tag}.json", result)
     return result
@@ -267,6 +281,13 @@ def _restored(config: Config, tensors: dict[str, Tensor], source: Path) -> Learn
     learner = build_learner(config)
     load_module_tensors(learner, tensors, "learner.", source)
     return learner
+
+
+def _check_ways(config: Config, ways: int | None) -> None:
+    """Other ways than in training only where the model has no ways-sized head."""
+    if ways is not None and ways != config.ways and config.algorithm not in ("protonet", "baseline", "matchingnet"):
+        raise ConfigError(f"{config.algorithm} was trained {config.ways}-way and its head has {config.ways} "
+                          f"outputs; it cannot be evaluated {ways}-way (ProtoNet, MatchingNet and Baseline can)")
 
 
 def _file_name(dataset: str) -> str:

@@ -28,7 +28,7 @@ from .robust import CORRUPTIONS, NOISE_KINDS, SEVERITIES, fgsm, noisy_per_class,
 from .robust.corruptions import WHERE
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
-from .training.config import SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
+from .training.config import EXECUTION_KEYS, SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
 from .training.recipes import parse_overrides, run_recipe
 from .training.robustness_report import condition_label
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one recipe key, e.g. --set shots=5 (repeatable)")
     recipe.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
     recipe.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    for key in ("device", "threads", "task_workers"):  # where and how fast, not what: a resumed run may change them
+    for key in EXECUTION_KEYS:  # where and how fast, not what: a resumed run may change them
         _add_key_flag(recipe, key, f"{Config.model_fields[key].description} (default: the recipe's; with --resume, "
                       "for this resumed process)")
 
@@ -137,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--step-size", type=_flag_type("inner_lr"), help="pgd step size (default 2.5 * eps / steps)")
     rob.add_argument("--random-start", action=argparse.BooleanOptionalAction,
                      help="start from a random point of the ball (default: pgd yes, fgsm no)")
-    rob.add_argument("--target", choices=("query",), default="query", help="what the attacker perturbs: the query "
-                     "set after adaptation")
     rob.add_argument("--label-noise", nargs="+", default=[], metavar="KIND:RATE",
                      help=f"support-set label noise, {', '.join(NOISE_KINDS)} at a rate (symmetric:0.4), or all (every "
                      "kind at every rate the shots allow with the true class keeping a plurality)")
@@ -190,7 +188,7 @@ def _summary(results: dict[str, Any], run_dir: Path) -> None:
 
 
 def _train(config: Config | None, run_dir: Path, resume: bool, device: str | None = None,
-           threads: int | None = None, task_workers: int | None = None) -> None:
+           threads: int | None = None, task_workers: int | None = None, data_workers: int | None = None) -> None:
     shown = run_config(run_dir) if resume else config
     assert shown is not None
     print(f"fastadapt {__version__}: {shown.algorithm} on {shown.dataset} "
@@ -198,6 +196,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, device: str | Non
           + f"  -> {run_dir}", flush=True)
     interactive = sys.stderr.isatty()
     results = train(config, run_dir, resume=resume, device=device, threads=threads, task_workers=task_workers,
+                    data_workers=data_workers,
                     progress=interactive, on_row=None if interactive else _printer(shown))
     _summary(results, run_dir)
 
@@ -214,13 +213,13 @@ def _dispatch(args: argparse.Namespace) -> None:
             if args.recipe is not None or args.overrides:
                 raise ConfigError("--resume continues a run with its own config: give no recipe or --set")
             _train(None, args.resume, resume=True, device=args.device, threads=args.threads,
-                   task_workers=args.task_workers)
+                   task_workers=args.task_workers, data_workers=args.data_workers)
             return
         if args.recipe is None:
             raise ConfigError("train needs a RECIPE (a YAML file, see recipes/) or --resume RUN_DIR")
         config = resolve_config(args.recipe, parse_overrides(args.overrides))
         _train(config, args.out or default_run_dir(config), resume=False, device=args.device, threads=args.threads,
-               task_workers=args.task_workers)
+               task_workers=args.task_workers, data_workers=args.data_workers)
     elif args.command == "eval":
         for steps in args.inner_steps or [None]:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,

@@ -79,6 +79,11 @@ class EpisodeSampler:
                 f"examples of class {classes[smallest].item()!r} (every class needs at least {need})"
             )
 
+    @property
+    def classes(self) -> int:
+        """How many classes the dataset has."""
+        return len(self._members)
+
     def episode_classes(self, index: int) -> np.ndarray:
         """The class positions (in the sorted distinct labels) episode `index` draws, in label order 0..ways-1."""
         return episode_rng(self.seed, index).choice(len(self._members), size=self.ways, replace=False)

@@ -65,7 +65,8 @@ class Attack:
     targeted: bool = False
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+        if isinstance(self.eps, bool) or not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
+                                               and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
@@ -103,6 +104,10 @@ class Attack:
                              f"of shape {tuple(x.shape)}, got {batch_dims}")
         if self.eps == 0:
             return x.clone()
+        if self.bounds is not None and x.numel() and (x.min() < self.bounds[0] or x.max() > self.bounds[1]):
+            raise ValueError(f"inputs lie in [{float(x.min()):g}, {float(x.max()):g}], outside the attack's bounds "
+                             f"{tuple(self.bounds)}: give bounds=(low, high) of your inputs' valid range (or None); "
+                             "clamping to bounds the inputs do not respect would leave the eps ball")
         example = tuple(range(batch_dims, x.dim()))
         adv = self._clamp(x + self._start(x, example, generator)) if self.random_start else x.clone()
         for _ in range(self.steps):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..data.episodes import TaskBatch
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "WHERE", "corrupt", "corrupted_batch", "corruption_generator"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "WHERE", "check_corruption", "corrupt", "corrupted_batch", "corruption_generator"]
 
 WHERE = ("support", "query", "both")  # which inputs of an episode a corruption reaches
 
@@ -128,12 +128,17 @@ CORRUPTIONS: dict[str, Corruption] = {
 }
 
 
-def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator) -> Tensor:
-    """Images `(..., C, H, W)` in [0, 1] under corruption `name` at `severity` (1-5), clamped to [0, 1]."""
+def check_corruption(name: str, severity: int) -> None:
+    """A ValueError naming the value unless `name` is a corruption and `severity` one of 1-5."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(sorted(CORRUPTIONS))}")
-    if severity not in SEVERITIES:
+    if isinstance(severity, bool) or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of 1, 2, 3, 4, 5, got {severity!r}")
+
+
+def corrupt(x: Tensor, name: str, severity: int, generator: torch.Generator) -> Tensor:
+    """Images `(..., C, H, W)` in [0, 1] under corruption `name` at `severity` (1-5), clamped to [0, 1]."""
+    check_corruption(name, severity)
     if x.dim() < 3:
         raise ValueError(f"corruptions take images (..., C, H, W), got shape {tuple(x.shape)}")
     images = x.reshape(-1, *x.shape[-3:])

@@ -1,15 +1,16 @@
 """Label noise in support sets, the three kinds of the noisy few-shot literature (e.g. Liang et al.
 2022), at a given rate, with the true class keeping a plurality of every label:
 
-- `symmetric`: in every class, `m = round(rate * shots)` support examples take the label of another
+- `symmetric`: in every class, `m = rate * shots` support examples take the label of another
   class (a random exchange among all classes' picked examples, none keeping its own label);
 - `pair`: class c's `m` picked examples take label c+1 (mod ways), as a fixed confusion;
 - `outlier`: class c's `m` picked examples are replaced by images of classes outside the episode
   (one class each), keeping label c.
 
 Every label still has `shots` examples, `shots - m` of its own class, and at most `m` of any one
-other source: a plurality needs `2m < shots` (1- and 2-shot episodes allow no noise); a rate that
-rounds to no noisy example, or loses the plurality, is refused.
+other source: a plurality needs `2m < shots` (1- and 2-shot episodes allow no noise). The rate must
+be a whole number of shots (`m / shots`: 0.2 or 0.4 at 5 shots); another one, or one that loses the
+plurality, is refused.
 
 Example:
     >>> import torch
@@ -45,9 +46,10 @@ def noisy_per_class(rate: float, shots: int) -> int:
     if not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ValueError(f"a label-noise rate must be a number in [0, 1], got {rate!r}")
     noisy = round(rate * shots)
-    if rate > 0 and noisy == 0:
-        raise ValueError(f"rate {rate} gives no noisy example of {shots} shots (rate * shots rounds to 0); "
-                         f"the smallest rate that does is {1 / shots:g}")
+    if abs(rate * shots - noisy) > 1e-9:
+        allowed = ", ".join(f"{m / shots:g}" for m in range(1, (shots - 1) // 2 + 1)) or "none"
+        raise ValueError(f"rate {rate} is not a whole number of the {shots} shots ({rate * shots:g} examples per "
+                         f"class); rates with the true class keeping a plurality: {allowed}")
     if 2 * noisy >= shots and noisy > 0:
         raise ValueError(f"rate {rate} makes {noisy} of {shots} shots noisy: the true class would not keep a "
                          f"plurality (it needs more than half of the shots; at most {(shots - 1) // 2} noisy)")
@@ -65,6 +67,10 @@ class NoisyLabels:
         self.sampler, self.kind, self.rate = sampler, kind, rate
         self.noisy_per_class = noisy_per_class(rate, sampler.shots)
         self.seed = sampler.seed
+        outside = sampler.classes - sampler.ways
+        if kind == "outlier" and sampler.ways * self.noisy_per_class > outside:
+            raise ValueError(f"outlier noise at {rate} needs {sampler.ways * self.noisy_per_class} classes outside a "
+                             f"{sampler.ways}-way episode, one per outlier; the dataset has {outside}")
 
     def episode(self, index: int) -> Episode:
         """Episode `index`, its support set noisy."""

@@ -57,9 +57,11 @@ Dataset = Annotated[str, AfterValidator(_registered_dataset)]
 class _Section(BaseModel):
     """Keys of one concern. `applies_to`: the algorithms whose options these are (None: every one)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
     applies_to: ClassVar[tuple[str, ...] | None] = None
     title: ClassVar[str] = ""
+    # a falsy value means "off" like the default (MAML++'s options: false or 0 under protonet is no option)
+    falsy_is_default: ClassVar[bool] = False
 
 
 class RunKeys(_Section):
@@ -156,6 +158,7 @@ class MamlPlusPlusKeys(_Section):
 
     title: ClassVar[str] = "MAML family (MAML++ options)"
     applies_to: ClassVar[tuple[str, ...] | None] = MAML_FAMILY
+    falsy_is_default: ClassVar[bool] = True
     per_step_inner_lr: bool | None = Field(None, description="a learned inner rate per step and tensor")
     multi_step_loss_iterations: int | None = Field(None, ge=0, description="outer steps of the multi-step loss "
                                                    "(annealed to the last step's)")
@@ -316,7 +319,8 @@ def _check_sections(config: Config) -> None:
     for section in SECTIONS:
         if section.applies_to is None or config.algorithm in section.applies_to:
             continue
-        changed = {k: getattr(config, k) for k, f in section.model_fields.items() if getattr(config, k) != f.default}
+        changed = {k: getattr(config, k) for k, f in section.model_fields.items()
+                   if getattr(config, k) != f.default and not (section.falsy_is_default and not getattr(config, k))}
         if changed:
             owner = (f"algorithm {section.applies_to[0]!r}" if len(section.applies_to) == 1
                      else f"the MAML family ({', '.join(section.applies_to)})")

@@ -22,6 +22,22 @@ __all__ = ["RobustnessResult", "read_robustness", "condition_label", "plot_robus
 
 RobustnessResult = dict[str, Any]  # one robustness/*.json, with "run" (the run's name) added
 _CONDITIONS = ("clean", "attack", "label_noise", "corruption")
+_NUMBER, _TEXT = (int, float), str
+# each condition's own keys and their types
+_CONDITION_KEYS: dict[str, dict[str, Any]] = {
+    "clean": {}, "attack": {"eps": _NUMBER}, "label_noise": {"kind": _TEXT, "rate": _NUMBER},
+    "corruption": {"name": _TEXT, "severity": int, "where": _TEXT}}
+_KEYS_TEXT = "attack: eps; label_noise: kind, rate; corruption: name, severity, where"
+
+
+def _valid_condition(row: Any) -> bool:
+    if not isinstance(row, dict) or row.get("condition") not in _CONDITIONS:
+        return False
+    accuracy = (row.get("metrics") or {}).get("accuracy") if isinstance(row.get("metrics"), dict) else None
+    if not isinstance(accuracy, dict) or not all(isinstance(accuracy.get(k), _NUMBER) for k in ("mean", "ci95")):
+        return False
+    return all(isinstance(row.get(key), kind) and not isinstance(row.get(key), bool)
+               for key, kind in _CONDITION_KEYS[row["condition"]].items())
 
 
 def read_robustness(run_dir: Path, run_name: str) -> list[RobustnessResult]:
@@ -36,11 +52,9 @@ def read_robustness(run_dir: Path, run_name: str) -> list[RobustnessResult]:
         if not isinstance(conditions, list) or not conditions:
             raise ValueError(f"{path}: a robustness result needs a non-empty 'conditions' list")
         for row in conditions:
-            accuracy = (row.get("metrics") or {}).get("accuracy") if isinstance(row, dict) else None
-            if row.get("condition") not in _CONDITIONS or not isinstance(accuracy, dict) or not all(
-                    isinstance(accuracy.get(k), (int, float)) for k in ("mean", "ci95")):
-                raise ValueError(f"{path}: a condition needs 'condition' ({', '.join(_CONDITIONS)}) and "
-                                 f"metrics.accuracy mean and ci95, got {row!r}")
+            if not _valid_condition(row):
+                raise ValueError(f"{path}: a condition needs 'condition' ({', '.join(_CONDITIONS)}), its own keys "
+                                 f"({_KEYS_TEXT}) and metrics.accuracy mean and ci95, got {row!r}")
         results.append({**data, "run": run_name, "file": path.name})
     return results
 
@@ -69,7 +83,8 @@ def _curves(results: Sequence[RobustnessResult]) -> dict[str, dict[str, list[tup
     for result in results:
         clean = next((r for r in result["conditions"] if r["condition"] == "clean"), None)
         attack = result.get("attack") or {}
-        setting = f"{result['run']} {result.get('dataset', '')} {result.get('ways')}w{result.get('shots')}s"
+        setting = (f"{result['run']} {result.get('dataset', '')} {result.get('ways')}w{result.get('shots')}s"
+                   f"{result.get('queries')}q {result.get('inner_steps') or 0}st [{Path(result['file']).stem[-8:]}]")
         by_severity: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
         for row in result["conditions"]:
             mean, ci = _accuracy(row)
