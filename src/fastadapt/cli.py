@@ -39,10 +39,10 @@ _FLAG_NAMES = {"algorithm": "--algo"}
 
 
 def _flag_type(key: str) -> Callable[[str], Any]:
-    """The argparse type of a config key's flag: the text read as the key's type, then checked
-    against the key's range in the schema; an error says what the key allows."""
-    kind = key_kind(key)
-    cast = type(get_args(kind)[0]) if get_origin(kind) is Literal else kind
+    """The argparse type of a config key's flag (an int, float or str key; `Literal` keys take
+    argparse choices): the text read as the key's type, then checked against the key's range in
+    the schema; an error says what the key allows."""
+    cast = key_kind(key)
     check = field_check(key)
 
     def parse(text: str) -> Any:
