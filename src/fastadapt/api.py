@@ -122,19 +122,11 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         0.99...
     """
     run_dir = Path(run_dir)
-    config = run_config(run_dir)
-    if device is not None:
-        config = config.replace(device=device)
-    if threads is not None:
-        config = config.replace(threads=threads)
-    if task_workers is not None:
-        config = config.replace(task_workers=task_workers)
+    config = _evaluation_config(run_dir, episodes, device=device, threads=threads, task_workers=task_workers)
     if imaml_lambda is not None:
         if config.algorithm != "imaml":
             raise ConfigError(f"imaml_lambda applies to iMAML runs; {run_dir} is a {config.algorithm} run")
         config = config.replace(eval_imaml_lambda=imaml_lambda)
-    if episodes < 2:
-        raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     _check_ways(config, ways)
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
@@ -187,16 +179,10 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
         [0.95..., 0.6..., 0.2...]
     """
     run_dir = Path(run_dir)
-    config = run_config(run_dir)
+    config = _evaluation_config(run_dir, episodes, device=device, threads=threads)
     if config.task != "classification":
         raise ConfigError(f"robustness evaluates classification runs; {run_dir} is a {config.task} run on "
                           f"{config.dataset!r}")
-    if device is not None:
-        config = config.replace(device=device)
-    if threads is not None:
-        config = config.replace(threads=threads)
-    if episodes < 2:
-        raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
     _check_ways(config, ways)
     if eps and attack is None:
         raise ConfigError("eps needs an attack (attack=pgd(...) or fgsm(...); --attack)")
@@ -210,7 +196,7 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
             raise ConfigError(f"corruption {name}:{severity}: {error}") from None
     if corrupt not in WHERE:
         raise ConfigError(f"corrupt must be one of {', '.join(WHERE)}, got {corrupt!r}")
-    learner = load(run_dir, device=device)
+    learner = _restored(config, *_evaluated_checkpoints(run_dir, 1)[0])
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
     runs: list[tuple[dict[str, Any], Callable[[], dict[str, Estimate]]]] = [
@@ -269,11 +255,7 @@ def load(run_dir: PathLike, *, device: str | None = None) -> Learner:
         >>> predictor = learner.adapt(support_x, support_y); predictor(query_x).argmax(1)  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
-    config = run_config(run_dir)
-    if device is not None:
-        config = config.replace(device=device)
-    tensors, source = _evaluated_checkpoints(run_dir, 1)[0]
-    return _restored(config, tensors, source)
+    return _restored(_evaluation_config(run_dir, device=device), *_evaluated_checkpoints(run_dir, 1)[0])
 
 
 def _restored(config: Config, tensors: dict[str, Tensor], source: Path) -> Learner:
@@ -281,6 +263,18 @@ def _restored(config: Config, tensors: dict[str, Tensor], source: Path) -> Learn
     learner = build_learner(config)
     load_module_tensors(learner, tensors, "learner.", source)
     return learner
+
+
+def _evaluation_config(run_dir: Path, episodes: int | None = None, **execution: Any) -> Config:
+    """The run's config with the execution keys given (device, threads, task_workers) in place of
+    its own; `episodes`, if given, checked."""
+    config = run_config(run_dir)
+    changes = {key: value for key, value in execution.items() if value is not None}
+    if changes:
+        config = config.replace(**changes)
+    if episodes is not None and episodes < 2:
+        raise ConfigError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
+    return config
 
 
 def _check_ways(config: Config, ways: int | None) -> None:

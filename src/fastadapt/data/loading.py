@@ -47,12 +47,12 @@ def task_batches(source: TaskSource, size: int, first: int, count: int, workers:
     device = None
     if isinstance(source, DeviceTasks):  # workers draw on the CPU; the move to a GPU happens here
         source, device = source.source, source.device
+    batches = _TaskBatchAt(source, size, first, count)
     if workers == 0:
         for k in range(count):
-            batch = source.task_batch((first + k) * size, size)
-            yield batch if device is None else batch.to(device)
+            yield batches[k] if device is None else batches[k].to(device)
         return
-    loader = DataLoader(_TaskBatchAt(source, size, first, count), batch_size=None, shuffle=False,
+    loader = DataLoader(batches, batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_as_is, prefetch_factor=2,  # one thread per worker
                         # its own generator: the workers' seeds are not drawn from (and do not move) torch's
                         # global random state, which a run checkpoints; episodes do not use them
