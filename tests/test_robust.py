@@ -4,6 +4,9 @@ perturbation, torchattacks agrees where it applies, and every learner is attacke
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +21,9 @@ from fastadapt.training.evaluate import evaluate_learner, evaluate_under_attack
 from fastadapt.training.experiment import build_learner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(os.environ.get("FASTADAPT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.zip").is_file(),
+                                    reason=f"Omniglot zips not found under {DATA}/omniglot (set FASTADAPT_DATA)")
 
 
 def _net() -> nn.Module:
@@ -154,6 +160,44 @@ def test_every_learner_is_attacked_after_adaptation(algorithm):
     assert attacked["accuracy"].mean < clean["accuracy"].mean - 0.1, (clean, attacked)
     again = evaluate_under_attack(learner, tasks, pgd(0.25, steps=5), episodes=6, batch_size=2)
     assert again["accuracy"].mean == attacked["accuracy"].mean and again["loss"].mean == attacked["loss"].mean
+    for target in ("support", "both"):  # poisoning differentiates through every learner's adaptation
+        same = evaluate_under_attack(learner, tasks, pgd(0.0), episodes=6, batch_size=3, target=target)
+        assert same["accuracy"].mean == pytest.approx(clean["accuracy"].mean, abs=1e-9)
+        poisoned = evaluate_under_attack(learner, tasks, pgd(0.25, steps=5), episodes=6, batch_size=3, target=target)
+        assert poisoned["loss"].mean > clean["loss"].mean + 0.2, (target, clean, poisoned)
+        if target == "both":
+            assert poisoned["loss"].mean > attacked["loss"].mean, (attacked, poisoned)
+
+
+@needs_omniglot
+def test_support_poisoning_hurts_more_than_random_noise_of_the_same_norm(tmp_path):
+    """Short Omniglot budgets: a perturbation of the support set found through adaptation costs far
+    more clean-query accuracy than random signs of the same L-inf norm, for MAML and ProtoNet."""
+    from fastadapt import MAML, ProtoNet
+    from fastadapt.data.episodes import TaskBatch
+    from fastadapt.data.omniglot import omniglot_splits
+    from fastadapt.training import meta_train
+    from fastadapt.training.evaluate import estimate_over_episodes
+
+    splits = omniglot_splits(DATA, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    protonet = ProtoNet(Conv4.omniglot(ways=None))
+    meta_train(protonet, EpisodeSampler(splits["train"], 20, 1, 5, seed=0), iterations=200, meta_batch=1, meta_lr=1e-3)
+    torch.manual_seed(0)
+    maml = MAML(Conv4.omniglot(ways=5), 0.4)
+    meta_train(maml, EpisodeSampler(splits["train"], 5, 1, 1, seed=0), iterations=60, meta_batch=8, meta_lr=3e-3)
+    test, eps, episodes = EpisodeSampler(splits["test"], 5, 1, 5, seed=0), 0.1, 30
+    for learner in (protonet, maml):
+        def random_signs(batch: TaskBatch, start: int, learner=learner) -> dict[str, torch.Tensor]:
+            signs = torch.randint(0, 2, batch.support_x.shape, generator=torch.Generator().manual_seed(start)) * 2 - 1
+            noisy = TaskBatch((batch.support_x + eps * signs).clamp(0, 1), batch.support_y, batch.query_x, batch.query_y)
+            return learner.task_metrics(noisy)
+
+        clean = evaluate_learner(learner, test, episodes)["accuracy"].mean
+        noise = estimate_over_episodes(random_signs, test, episodes, 32, [learner])["accuracy"].mean
+        poisoned = evaluate_under_attack(learner, test, pgd(eps, steps=10), episodes, target="support")["accuracy"].mean
+        assert clean > 0.6 and noise > clean - 0.05, (type(learner).__name__, clean, noise)
+        assert poisoned < noise - 0.2, (type(learner).__name__, clean, noise, poisoned)
 
 
 def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_path, capsys):
@@ -170,30 +214,33 @@ def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_
     fastadapt.train({"algorithm": "protonet", "dataset": "bands", "backbone": "conv4", "ways": 5, "shots": 1,
                      "queries": 2, "eval_queries": 3, "meta_batch": 1, "iterations": 5, "eval_episodes": 4, "threads": 1},
                     run, progress=False)
-    command = ["robustness", str(run), "--eps", "0.2", "0.05", "--steps", "3", "--episodes", "6",
+    command = ["robustness", str(run), "--eps", "0.2", "0.05", "--steps", "3", "--episodes", "6", "--target", "query", "support",
                "--corruption", "rotation:2", "contrast:all", "--corrupt", "query", "--shots", "5",
                "--label-noise", "pair:0.4", "outlier:0.2"]
     assert main(command) == 0
     printed = capsys.readouterr().out
-    for label in ("clean", "attack eps 0.05 (pgd linf, queries)", "attack eps 0.2", "rotation 2 (query)",
+    for label in ("clean", "attack eps 0.05 on query (pgd linf)", "attack eps 0.2 on support", "rotation 2 (query)",
                   "contrast 5 (query)", "label noise pair 0.4", "label noise outlier 0.2"):
         assert label in printed, printed
     files = list((run / "robustness").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith("bands-5w5s-6ep-")
     result = json.loads(files[0].read_text())
     conditions = result["conditions"]
-    assert [c["condition"] for c in conditions] == ["clean", "attack", "attack", "label_noise", "label_noise",
+    assert [c["condition"] for c in conditions] == ["clean", *["attack"] * 4, "label_noise", "label_noise",
                                                     *["corruption"] * 6]
-    assert [c.get("eps") for c in conditions[:3]] == [None, 0.05, 0.2]
+    assert [(c.get("eps"), c.get("target")) for c in conditions[:5]] == [
+        (None, None), (0.05, "query"), (0.2, "query"), (0.05, "support"), (0.2, "support")]
     accuracy = [c["metrics"]["accuracy"]["mean"] for c in conditions]
     assert accuracy[0] == pytest.approx(fastadapt.evaluate(run, episodes=6, shots=5)["mean"], abs=1e-9)
-    assert accuracy[2] < accuracy[0]
+    assert accuracy[2] < accuracy[0] and accuracy[4] < accuracy[0]
     assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
     from fastadapt.training.config import ConfigError
 
     for bad, message in (({"corruptions": [("fog", 2)]}, "corruption fog:2: unknown corruption 'fog'"),
                          ({"attack": pgd(0.0), "eps": [float("nan")]}, "eps must be finite numbers >= 0, got nan"),
-                         ({"label_noise": [("pair", 0.3)], "shots": 5}, "label noise pair:0.3: rate 0.3 is not a whole")):
+                         ({"label_noise": [("pair", 0.3)], "shots": 5}, "label noise pair:0.3: rate 0.3 is not a whole"),
+                         ({"attack": pgd(0.0), "eps": [0.1], "targets": ["middle"]},
+                          r"targets must be some of query, support, both, got \['middle'\]")):
         with pytest.raises(ConfigError, match=message):  # before any episode is evaluated
             fastadapt.robust.evaluate(run, episodes=2, **bad)
     assert len(list((run / "robustness").glob("*.json"))) == 1
@@ -253,8 +300,9 @@ def test_a_protonet_loses_accuracy_as_severity_grows():
     assert clean - severe > 0.2, (clean, severe)
 
 
-@pytest.mark.parametrize("kind", ["symmetric", "pair", "outlier"])
-@pytest.mark.parametrize("shots, rate, noisy", [(5, 0.4, 2), (5, 0.2, 1), (7, 2 / 7, 2)])
+@pytest.mark.parametrize("kind, shots, rate, noisy", [
+    *[(kind, *case) for kind in ("symmetric", "pair", "outlier") for case in ((5, 0.4, 2), (5, 0.2, 1), (7, 2 / 7, 2))],
+    ("symmetric", 5, 0.6, 3), ("outlier", 5, 0.6, 3), ("symmetric", 8, 5 / 8, 5)])
 def test_label_noise_keeps_the_rate_and_the_true_class_a_plurality(kind, shots, rate, noisy):
     from fastadapt.robust.label_noise import NoisyLabels
 
@@ -294,10 +342,16 @@ def _true_classes(clean_x, clean_y, noisy_x, data):
 def test_noise_that_would_lose_the_plurality_is_refused():
     from fastadapt.robust.label_noise import NoisyLabels
 
-    with pytest.raises(ValueError, match="rate 1.0 makes 1 of 1 shots noisy: the true class would not keep a plurality"):
+    with pytest.raises(ValueError, match="rate 1.0 makes 1 of 1 shots noisy: with pair noise the true class would "
+                                         "not keep a plurality"):
         NoisyLabels(EpisodeSampler(_bands(), 5, 1, 1), "pair", 1.0)
     with pytest.raises(ValueError, match="rate 0.5 makes 2 of 4 shots noisy"):
         NoisyLabels(EpisodeSampler(_bands(), 5, 4, 1), "pair", 0.5)
+    with pytest.raises(ValueError, match=r"rate 0.6 makes 3 of 5 shots noisy: with pair noise .*\(2 of its own against "
+                                         r"up to 3 from another source\); pair rates that keep it: 0.2, 0.4$"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", 0.6)
+    with pytest.raises(ValueError, match=r"symmetric rates that keep it: 0.2, 0.4, 0.6$"):
+        NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "symmetric", 0.8)
     for rate in (0.05, 0.3, 0.5):
         with pytest.raises(ValueError, match=rf"rate {rate} is not a whole number of the 5 shots .*: 0.2, 0.4$"):
             NoisyLabels(EpisodeSampler(_bands(), 5, 5, 1), "pair", rate)
@@ -344,7 +398,7 @@ def test_the_report_draws_and_tabulates_robustness_results(tmp_path):
     files = write_report([run], tmp_path / "report")
     assert files.robustness is not None and files.robustness.stat().st_size > 10_000
     text = files.markdown.read_text()
-    for line in ("| run | omniglot | 5 | 5 | 100 | attack eps 0.2 | 20.00 +- 1.00 |",
+    for line in ("| run | omniglot | 5 | 5 | 100 | attack eps 0.2 on query | 20.00 +- 1.00 |",
                  "| label noise pair 0.4 | 80.00 +- 1.00 |", "| rotation 3 (query) | 70.00 +- 1.00 |",
                  "![robustness](robustness.png)"):
         assert line in text, text

@@ -23,6 +23,7 @@ from .training.config import Config, ConfigError
 from .data.sampler import DeviceTasks, TaskSource
 from .robust import Attack, NoisyLabels
 from .robust.corruptions import WHERE, check_corruption
+from .robust.evaluation import TARGETS
 from .training.evaluate import Estimate, evaluate_corrupted, evaluate_ensemble, evaluate_learner, evaluate_under_attack
 from .training.experiment import build_learner, test_source
 from .training.recipes import load_recipe, saved_config
@@ -160,14 +161,16 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
 
 
 def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps: Sequence[float] = (),
-                        label_noise: Sequence[tuple[str, float]] = (), corruptions: Sequence[tuple[str, int]] = (),
+                        targets: Sequence[str] = ("query",), label_noise: Sequence[tuple[str, float]] = (),
+                        corruptions: Sequence[tuple[str, int]] = (),
                         corrupt: str = "both", episodes: int = 1000, ways: int | None = None, shots: int | None = None,
                         queries: int | None = None, inner_steps: int | None = None, dataset: str | None = None,
                         device: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """A trained classification run (its best checkpoint, else its newest) on fixed test episodes
     under each condition, one at a time, after the clean evaluation: `attack` at each radius in
-    `eps` (the learner adapts to the clean support set, its predictor is attacked on the queries),
-    each `(kind, rate)` of `label_noise` in the support sets (`robust.NoisyLabels`), each `(name,
+    `eps` with the attacker at each of `targets` ("query": the predictor adapted to the clean support
+    set is attacked on the queries; "support": the support set is poisoned through adaptation;
+    "both"; `robust.attacked_task_metrics`), each `(kind, rate)` of `label_noise` in the support sets (`robust.NoisyLabels`), each `(name,
     severity)` of `corruptions` on the support set, the query set or both (`corrupt`). Other ways /
     shots / queries / inner steps / `dataset` as in `evaluate`. Writes
     `RUN_DIR/robustness/<...>.json` and returns it (also `fastadapt.robust.evaluate`).
@@ -186,6 +189,9 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
     _check_ways(config, ways)
     if eps and attack is None:
         raise ConfigError("eps needs an attack (attack=pgd(...) or fgsm(...); --attack)")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ConfigError(f"targets must be some of {', '.join(TARGETS)}, got {list(targets)!r}")
     for radius in eps:
         if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
             raise ConfigError(f"eps must be finite numbers >= 0, got {radius!r}")
@@ -201,10 +207,11 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
     runs: list[tuple[dict[str, Any], Callable[[], dict[str, Estimate]]]] = [
         ({"condition": "clean"}, lambda: evaluate_learner(learner, tasks, episodes, inner_steps=steps))]
-    for radius in sorted({float(e) for e in eps} - {0.0}):
-        runs.append(({"condition": "attack", "eps": radius},
-                     lambda r=radius: evaluate_under_attack(learner, tasks, dataclasses.replace(attack, eps=r), episodes,
-                                                            inner_steps=steps)))
+    for target in dict.fromkeys(targets):
+        for radius in sorted({float(e) for e in eps} - {0.0}):
+            runs.append(({"condition": "attack", "eps": radius, "target": target},
+                         lambda r=radius, t=target: evaluate_under_attack(
+                             learner, tasks, dataclasses.replace(attack, eps=r), episodes, inner_steps=steps, target=t)))
     for kind, rate in label_noise:
         noisy = _noisy(tasks, kind, rate)
         runs.append(({"condition": "label_noise", "kind": kind, "rate": rate},
@@ -225,7 +232,7 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
         "attack": None if attack is None else {
             "kind": "fgsm" if attack.steps == 1 else "pgd", "norm": attack.norm, "steps": attack.steps,
-            "step_size": attack.step_size, "random_start": attack.random_start, "target": "query",
+            "step_size": attack.step_size, "random_start": attack.random_start,
             "bounds": list(attack.bounds) if attack.bounds else None},
         "conditions": conditions,
     }

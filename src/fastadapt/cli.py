@@ -25,7 +25,9 @@ from pydantic import ValidationError
 from . import __version__
 from .api import default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
 from .robust import CORRUPTIONS, NOISE_KINDS, SEVERITIES, fgsm, noisy_per_class, pgd
+from .robust.label_noise import allowed_rates
 from .robust.corruptions import WHERE
+from .robust.evaluation import TARGETS
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
 from .training.config import EXECUTION_KEYS, SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
@@ -126,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rob = commands.add_parser("robustness", help="a trained run under attack, label noise or corruption",
                               description="Evaluate a trained classification run on fixed test episodes, clean and "
-                              "under each condition given, one at a time: an attack on the query sets after "
-                              "adaptation at each radius, label noise in the support sets, input corruptions; "
+                              "under each condition given, one at a time: an attack at each radius (on the query "
+                              "sets after adaptation, on the support sets through adaptation, or both), label noise in the support sets, input corruptions; "
                               "mean +- 95%% CI each, written to RUN_DIR/robustness/<...>.json.")
     rob.add_argument("run_dir", type=Path)
     rob.add_argument("--eps", type=_radius, nargs="+", default=[], help="attack radii (inputs lie in [0, 1])")
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the ball (default linf; fgsm: linf)")
     rob.add_argument("--steps", type=_flag_type("inner_steps"), default=10, help="pgd steps (default 10)")
     rob.add_argument("--step-size", type=_flag_type("inner_lr"), help="pgd step size (default 2.5 * eps / steps)")
+    rob.add_argument("--target", choices=TARGETS, nargs="+", default=["query"],
+                     help="where the attacker stands: query (the queries, after adaptation; default), support (the "
+                     "support set, poisoned through adaptation, clean queries) or both; several: each in turn")
     rob.add_argument("--random-start", action=argparse.BooleanOptionalAction,
                      help="start from a random point of the ball (default: pgd yes, fgsm no)")
     rob.add_argument("--label-noise", nargs="+", default=[], metavar="KIND:RATE",
@@ -263,9 +268,10 @@ def _robustness(args: argparse.Namespace) -> None:
     attack = (fgsm(0.0, random_start=bool(args.random_start)) if args.attack == "fgsm" else
               pgd(0.0, norm=args.norm, steps=args.steps, step_size=args.step_size,
                   random_start=True if args.random_start is None else args.random_start))
-    shots = args.shots or run_config(args.run_dir).shots
-    result = evaluate_robustness(args.run_dir, attack=attack if args.eps else None, eps=args.eps,
-                                 label_noise=_noise_conditions(args.label_noise, shots),
+    config = run_config(args.run_dir)
+    result = evaluate_robustness(args.run_dir, attack=attack if args.eps else None, eps=args.eps, targets=args.target,
+                                 label_noise=_noise_conditions(args.label_noise, args.shots or config.shots,
+                                                               args.ways or config.ways),
                                  corruptions=_corruption_conditions(args.corruption), corrupt=args.corrupt,
                                  episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
                                  inner_steps=args.inner_steps, dataset=args.dataset, device=args.device,
@@ -274,21 +280,21 @@ def _robustness(args: argparse.Namespace) -> None:
     print(f"{result['ways']}-way {result['shots']}-shot{where}, {result['episodes']} episodes, accuracy (95% CI):")
     for condition in result["conditions"]:
         accuracy = condition["metrics"]["accuracy"]
-        label = condition_label(condition) + (f" ({args.attack} {attack.norm}, queries)"
+        label = condition_label(condition) + (f" ({args.attack} {attack.norm})"
                                               if condition["condition"] == "attack" else "")
         print(f"  {label:<44} {accuracy['mean']:.4f} +- {accuracy['ci95']:.4f}")
 
 
-def _noise_conditions(specs: Sequence[str], shots: int) -> list[tuple[str, float]]:
-    """`KIND:RATE` or `all` -> (kind, rate) pairs; each checked for the run's shots."""
+def _noise_conditions(specs: Sequence[str], shots: int, ways: int) -> list[tuple[str, float]]:
+    """`KIND:RATE` or `all` -> (kind, rate) pairs; each checked for the run's shots and ways."""
     out: list[tuple[str, float]] = []
     for spec in specs:
         if spec == "all":
-            rates = [m / shots for m in range(1, (shots - 1) // 2 + 1)]
-            if not rates:
+            pairs = [(kind, rate) for kind in NOISE_KINDS for rate in allowed_rates(kind, shots, ways)]
+            if not pairs:
                 raise ConfigError(f"--label-noise all: {shots}-shot support sets allow no label noise with the true "
                                   "class keeping a plurality (--shots 3 or more)")
-            out += [(kind, rate) for kind in NOISE_KINDS for rate in rates]
+            out += pairs
             continue
         kind, _, text = spec.partition(":")
         try:
@@ -298,7 +304,7 @@ def _noise_conditions(specs: Sequence[str], shots: int) -> list[tuple[str, float
         if kind not in NOISE_KINDS:
             raise ConfigError(f"--label-noise {spec!r}: the kind must be one of {', '.join(NOISE_KINDS)}")
         try:
-            noisy_per_class(rate, shots)
+            noisy_per_class(rate, shots, kind, ways)
         except ValueError as error:
             raise ConfigError(f"--label-noise {spec!r}: {error}") from None
         out.append((kind, rate))

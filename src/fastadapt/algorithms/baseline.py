@@ -173,7 +173,8 @@ class Baseline(Learner):
         return z @ weight.transpose(-1, -2) + bias.unsqueeze(-2)  # type: ignore[union-attr]
 
     def fit_heads(self, z: Tensor, y: Tensor, ways: int) -> tuple[Tensor, Tensor | None]:
-        """New heads for T tasks at once, fitted on support embeddings `z (T, N, D)`, labels `y (T, N)`.
+        """New heads for T tasks at once, fitted on support embeddings `z (T, N, D)`, labels `y (T, N)`
+        (differentiable w.r.t. `z` when it requires grad: the fine-tuning steps keep their graph).
 
         Returns `weight (T, ways, D)` and `bias (T, ways)` (None for the cosine head).
         """
@@ -197,13 +198,14 @@ class Baseline(Learner):
         # torch.optim.SGD's update: coupled weight decay, momentum with dampening
         optimizer = chain(add_decayed_weights(self.weight_decay), trace(self.momentum, dampening=self.dampening),
                           scale_by_lr(self.finetune_lr))
-        head = adapt(chunk_loss, start, optimizer=optimizer, steps=len(chunks), keep_graph=False).points[-1]
+        head = adapt(chunk_loss, start, optimizer=optimizer, steps=len(chunks), keep_graph=z.requires_grad).points[-1]
         return head["weight"], head.get("bias")
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> _FineTuned:
-        """Fits a new head on the support set's frozen embeddings; returns the query predictor."""
+        """Fits a new head on the support set's frozen embeddings; returns the query predictor
+        (differentiable w.r.t. `support_x` when it requires grad)."""
         ways = int(support_y.max()) + 1
-        weight, bias = self.fit_heads(self.embed(support_x)[None], support_y[None], ways)
+        weight, bias = self.fit_heads(self.embed(support_x, graph=support_x.requires_grad)[None], support_y[None], ways)
         return _FineTuned(self, weight[0], None if bias is None else bias[0])
 
     def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:

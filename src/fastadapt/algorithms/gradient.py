@@ -114,10 +114,11 @@ class GradientLearner(Learner):
             (and the `loss` metric); None: cross-entropy for classification, MSE for regression.
             It runs task by task: "auto" execution does not vmap it (ask `execution="vmap"` for a
             vmap-safe one).
-        support_hook, query_hook, inner_term, outer_term, hook_gradients: per-task additions on
-            every execution path (`functional.seams`): inputs transformed given the current
-            parameters (an attack, augmentation, noise), terms added to the inner and the outer
-            loss (a regulariser, a KL divergence). Hooks run in evaluation too.
+        support_hook, query_hook, inner_term, outer_term, hook_gradients, query_term: per-task
+            additions on every execution path (`functional.seams`): inputs transformed given the
+            current parameters (an attack, augmentation, noise), terms added to the inner and the
+            outer loss (a regulariser, a KL divergence, TRADES' term on the query set). Hooks and
+            terms run in evaluation too (`robust.RobustTraining`'s act in train mode only).
 
     The outer iteration that the last two count is `iteration`, advanced by each `meta_loss`
     call with gradients enabled and saved in the state dict (so a resumed run continues it).
@@ -159,6 +160,7 @@ class GradientLearner(Learner):
         inner_term: Callable[[Params, int], Tensor] | None = None,
         outer_term: Callable[[Params, Params], Tensor] | None = None,
         hook_gradients: bool = False,
+        query_term: Callable[[Params, Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -187,7 +189,7 @@ class GradientLearner(Learner):
             raise ValueError(f"loss_fn must be a function (outputs, targets) -> scalar loss, got {loss_fn!r}")
         self.model = model
         self.loss_fn = loss_fn
-        self.seams = Seams(support_hook, query_hook, inner_term, outer_term, hook_gradients)
+        self.seams = Seams(support_hook, query_hook, inner_term, outer_term, hook_gradients, query_term)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -313,6 +315,9 @@ class GradientLearner(Learner):
             loss = (self._loss_fn(outputs[steps], qy) if weights is None
                     else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
             loss = loss + self.seams.outer(points[steps], points[0])
+            if self.seams.query_term is not None:
+                with hooks.context(steps) if hooks is not None else contextlib.nullcontext():
+                    loss = loss + self.seams.query({**points[steps], **(hooks.params(steps) if hooks else {})}, qx, qy)
         return outputs[steps], loss, support_loss
 
     def _query_inputs(self, params: Params, step: int, x: Tensor, y: Tensor | None, hooks: StepHooks | None) -> Tensor:
@@ -339,7 +344,9 @@ class GradientLearner(Learner):
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """Adapts to one task's support set and returns the adapted predictor.
 
-        Differentiable w.r.t. the meta-parameters (unless `first_order`) when grad mode is on.
+        Differentiable w.r.t. the meta-parameters (unless `first_order`) when grad mode is on, and
+        w.r.t. `support_x` when it requires grad (then second order whatever `first_order`: the
+        inner gradients depend on the support set; an attack that poisons it needs that).
         With per-step BatchNorm statistics it adapts and predicts as evaluation does (normalised
         by the running statistics).
 
@@ -353,7 +360,8 @@ class GradientLearner(Learner):
         """
         steps = self._check_steps(steps or self.inner_steps)
         hooks = self._hooks(training=False)
-        points, _ = self._adapt_task(self.meta_params(), support_x, support_y, steps, self.first_order, hooks)
+        first_order = self.first_order and not support_x.requires_grad
+        points, _ = self._adapt_task(self.meta_params(), support_x, support_y, steps, first_order, hooks)
         if hooks is None:
             return AdaptedModel(self.model, points[-1])
         return AdaptedModel(self.model, {**points[-1], **hooks.params(steps)}, context=lambda: hooks.context(steps))

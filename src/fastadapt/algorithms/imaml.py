@@ -61,6 +61,7 @@ def proximal_adapt(
     optimizer: IMAMLInnerOptimizer = "sgd",
     frozen: Params | None = None,
     proximal: ProximalMode = "every_step",
+    keep_graph: bool = False,
 ) -> tuple[Params, Tensor]:
     """Approximately minimises `loss_fn(model(x; phi), y) + lam/2 ||phi - theta||^2` from phi = theta.
 
@@ -70,7 +71,8 @@ def proximal_adapt(
     `proximal="pull_back"` (the authors' code): the steps see the support loss alone, then one SGD
     step on the proximal term, phi <- phi - lr * lam * (phi - theta), pulls phi back toward theta.
     `frozen` parameters take part in the forward pass but do not adapt. Returns the adapted
-    (detached) parameters and the support loss at theta.
+    (detached) parameters and the support loss at theta; with `keep_graph`, the adapted parameters
+    keep their graph to `x` (an attack that poisons the support set differentiates through them).
 
     Example:
         >>> m = torch.nn.Linear(1, 1)
@@ -82,15 +84,17 @@ def proximal_adapt(
     """
     fixed = {name: t.detach() for name, t in (frozen or {}).items()}
     return _proximal_descent(lambda phi: loss_fn(forward(model, {**fixed, **phi}, x), y), theta,
-                             steps=steps, lr=lr, lam=lam, optimizer=optimizer, proximal=proximal)
+                             steps=steps, lr=lr, lam=lam, optimizer=optimizer, proximal=proximal, keep_graph=keep_graph)
 
 
 def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, steps: int, lr: float, lam: float,
-                      optimizer: IMAMLInnerOptimizer, proximal: ProximalMode) -> tuple[Params, Tensor]:
+                      optimizer: IMAMLInnerOptimizer, proximal: ProximalMode, keep_graph: bool = False
+                      ) -> tuple[Params, Tensor]:
     """The inner loop of `proximal_adapt` for any loss, through the engine's one loop
     (`functional.adapt`, no graph between steps): `losses_at(phi)` is one loss, or one per task `(T,)`
     for tasks stacked on the parameters' leading dimension (their sum is minimised: the tasks are
-    independent, and SGD and Adam act element-wise, so each task steps as it would alone)."""
+    independent, and SGD and Adam act element-wise, so each task steps as it would alone). With
+    `keep_graph`, the steps keep their graph (to the inputs of `losses_at`)."""
     anchor = {name: t.detach() for name, t in theta.items()}
 
     def proximal_term(phi: Params, per_task: bool) -> Tensor:
@@ -103,10 +107,11 @@ def _proximal_descent(losses_at: Callable[[Params], Tensor], theta: Params, *, s
         return support + proximal_term(phi, support.dim() == 1) if proximal == "every_step" else support
 
     trajectory = adapt(inner_loss, anchor, optimizer=adam(lr) if optimizer == "adam" else sgd(lr), steps=steps,
-                       keep_graph=False)
+                       keep_graph=keep_graph)
     phi = trajectory.points[-1]
     if proximal == "pull_back":
-        phi = adapt(lambda p, step: proximal_term(p, False), phi, optimizer=sgd(lr), steps=1, keep_graph=False).points[-1]
+        phi = adapt(lambda p, step: proximal_term(p, False), phi, optimizer=sgd(lr), steps=1,
+                    keep_graph=keep_graph).points[-1]
     return phi, trajectory.losses[0]
 
 
@@ -213,7 +218,8 @@ class IMAML(Learner):
     def _solve(self, theta: Params, frozen: Params, x: Tensor, y: Tensor, steps: int, lam: float
                ) -> tuple[Params, Tensor]:
         return proximal_adapt(self.model, theta, x, y, loss_fn=self._loss_fn, steps=steps, lr=self.inner_lr,
-                              lam=lam, optimizer=self.inner_optimizer, frozen=frozen, proximal=self.proximal)
+                              lam=lam, optimizer=self.inner_optimizer, frozen=frozen, proximal=self.proximal,
+                              keep_graph=x.requires_grad)
 
     def implicit_gradient(self, phi: Params, frozen: Params, support: tuple[Tensor, Tensor],
                           query: tuple[Tensor, Tensor]) -> tuple[Vectors, Tensor, Tensor]:
@@ -277,7 +283,8 @@ class IMAML(Learner):
     # -- the API ------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """Solves one task's test-time inner problem (`eval_lam`) and returns the adapted predictor
-        (model untouched).
+        (model untouched). Differentiable w.r.t. `support_x` when it requires grad (through the
+        unrolled inner steps).
 
         Example:
             >>> from fastadapt.nn import Conv4

@@ -14,7 +14,7 @@ for K processing steps (the paper's appendix, eqs. 3-6).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from ..data.episodes import TaskBatch
 from ..functional import add_gradients, forward, loss_with_grads
 from .base import EpisodePredictor, Learner
+
+if TYPE_CHECKING:
+    from ..robust.training import RobustTraining
 
 __all__ = ["FullContextEmbedding", "MatchingNet", "Similarity", "cosine_attention", "matching_log_probs"]
 
@@ -108,6 +111,8 @@ class MatchingNet(Learner):
         fce_steps: K, the attention LSTM's processing steps.
         embedding_dim: D, needed with `fce`; by default the encoder's `embedding_dim` attribute.
         similarity: "cosine" (the paper) or "scaled-cosine" (the reference implementations).
+        robust: a `robust.RobustTraining` ("aq" or "trades"): each episode's training loss on
+            attacked queries.
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -120,8 +125,12 @@ class MatchingNet(Learner):
     task = "classification"
 
     def __init__(self, encoder: nn.Module, fce: bool = False, fce_steps: int = 5,
-                 embedding_dim: int | None = None, similarity: Similarity = "cosine") -> None:
+                 embedding_dim: int | None = None, similarity: Similarity = "cosine",
+                 robust: RobustTraining | None = None) -> None:
         super().__init__()
+        if robust is not None and robust.method not in ("aq", "trades"):
+            raise ValueError(f"robust training of Matching Networks: 'aq' or 'trades', got {robust.method!r}")
+        self.robust = robust
         if similarity not in ("cosine", "scaled-cosine"):
             raise ValueError(f"similarity must be 'cosine' or 'scaled-cosine', got {similarity!r}")
         self.encoder = encoder
@@ -167,8 +176,14 @@ class MatchingNet(Learner):
         total, losses, all_logits = None, [], []
         for t in range(len(batch)):
             ep = batch[t]
-            logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x)
-            loss = F.cross_entropy(logits, ep.query_y)
+            if self.robust is not None and self.training and taskwise:
+                loss = self.robust.episode_loss(lambda q, ep=ep: self.episode_logits(ep.support_x, ep.support_y, q),
+                                                ep.query_x, ep.query_y)
+                with torch.no_grad():
+                    logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x)
+            else:
+                logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x)
+                loss = F.cross_entropy(logits, ep.query_y)
             if taskwise:
                 total = add_gradients(total, torch.autograd.grad(loss / len(batch), trainable, materialize_grads=True))
             losses.append(loss.detach() if taskwise else loss)

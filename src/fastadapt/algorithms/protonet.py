@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,6 +12,9 @@ from ..data.episodes import TaskBatch
 from ..functional import add_gradients, forward, loss_with_grads, mixed_precision
 from ..functional.fold import can_fold, fold_call
 from .base import EpisodePredictor, Learner
+
+if TYPE_CHECKING:
+    from ..robust.training import RobustTraining
 
 __all__ = ["ProtoNet", "prototypes", "proto_logits", "AGGREGATIONS"]
 
@@ -74,6 +79,8 @@ class ProtoNet(Learner):
     With `fold=True` all episodes of a `TaskBatch` go through the encoder as one large batch (with
     per-episode BatchNorm statistics, `functional.fold`): exact, but measured 3-4x slower than the
     default per-episode loop on 2 CPU cores (benchmarks/protonet_fold.py), so it is opt-in.
+    `robust` (a `robust.RobustTraining`, "aq" or "trades"): the training loss of each episode on
+    attacked queries (not with `fold`).
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -84,8 +91,13 @@ class ProtoNet(Learner):
 
     task = "classification"
 
-    def __init__(self, encoder: nn.Module, fold: bool = False, precision: str = "fp32", aggregation: str = "mean") -> None:
+    def __init__(self, encoder: nn.Module, fold: bool = False, precision: str = "fp32", aggregation: str = "mean",
+                 robust: RobustTraining | None = None) -> None:
         super().__init__()
+        if robust is not None and (fold or robust.method not in ("aq", "trades")):
+            raise ValueError(f"robust training of Prototypical Networks: 'aq' or 'trades', episode by episode (not "
+                             f"fold=True); got method {robust.method!r}{' with fold=True' if fold else ''}")
+        self.robust = robust
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if aggregation not in AGGREGATIONS:
@@ -137,14 +149,23 @@ class ProtoNet(Learner):
         total, losses, all_logits = None, [], []
         for t in range(len(batch)):
             ep = batch[t]
-            logits = self._episode_logits(ep.support_x, ep.support_y, ep.query_x)
-            loss = F.cross_entropy(logits, ep.query_y)
+            logits, loss = self._episode_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y)
             grads = torch.autograd.grad(loss / len(batch), trainable, materialize_grads=True)
             total = add_gradients(total, grads)
             losses.append(loss.detach())
             all_logits.append(logits.detach())
         metrics = {k: v.mean() for k, v in self._metrics(torch.stack(all_logits), batch.query_y).items()}
         return loss_with_grads(torch.stack(losses).mean(), trainable, total), metrics
+
+    def _episode_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """One episode's clean query logits and its training loss (robust in train mode with `robust`)."""
+        if self.robust is None or not self.training:
+            logits = self._episode_logits(support_x, support_y, query_x)
+            return logits, F.cross_entropy(logits, query_y)
+        loss = self.robust.episode_loss(lambda q: self._episode_logits(support_x, support_y, q), query_x, query_y)
+        with torch.no_grad():
+            return self._episode_logits(support_x, support_y, query_x), loss
 
     def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
         """(`inner_steps` is ignored: no inner loop.)"""

@@ -84,6 +84,7 @@ def fine_tune_tasks(
     batch_size: int | None = None,
     generators: Sequence[torch.Generator | None],
     state: Any | None = None,
+    keep_graph: bool = False,
 ) -> tuple[Params, Tensor, Any]:
     """First-order fine-tuning of T tasks at once: `steps` optimizer steps on mini-batches of
     `x (T, N, ...)`, `y (T, N, ...)`, from `params` for every task, no graph kept.
@@ -96,7 +97,8 @@ def fine_tune_tasks(
     mini-batches come from `generators[t]` (None: torch's global generator), drawn in task order,
     as fine-tuning task after task would draw them.
     Returns the adapted weights stacked `(T, *p.shape)`, each task's loss on its first
-    mini-batch `(T,)`, and the optimizer's final state.
+    mini-batch `(T,)`, and the optimizer's final state. With `keep_graph` the steps keep their
+    (second-order) graph to `x`: an attack that poisons the support set differentiates through them.
 
     Example:
         >>> from fastadapt.nn import Conv4
@@ -123,8 +125,8 @@ def fine_tune_tasks(
         return per_task_loss(run(point, x[rows, index]), y[rows, index])
 
     start = {name: p.detach() for name, p in stacked_params(params, tasks).items()}
-    trajectory = adapt(minibatch_loss, start, optimizer=per_task(optimizer), steps=steps, keep_graph=False,
-                       first_order=True, state=state)
+    trajectory = adapt(minibatch_loss, start, optimizer=per_task(optimizer), steps=steps, keep_graph=keep_graph,
+                       first_order=not keep_graph, state=state)
     return trajectory.points[-1], trajectory.losses[0], trajectory.state
 
 
@@ -320,6 +322,7 @@ class Reptile(Learner):
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
         """Fine-tunes on one task's support set (`eval_inner_steps`, `eval_inner_batch`; from the carried
         Adam state with `inner_state="persistent"`, which it leaves as it was); returns the predictor.
+        Differentiable w.r.t. `support_x` when it requires grad.
 
         Example:
             >>> from fastadapt.nn import Conv4
@@ -329,7 +332,8 @@ class Reptile(Learner):
         """
         run = self._run(self.plan(TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None])))
         phi, _, _ = self._fine_tune_tasks(run, self._theta(), support_x[None], support_y[None],
-                                          steps or self.eval_inner_steps, self.eval_inner_batch, [self._eval_generator()])
+                                          steps or self.eval_inner_steps, self.eval_inner_batch, [self._eval_generator()],
+                                          keep_graph=support_x.requires_grad)
         return AdaptedModel(self.model, {name: p[0] for name, p in phi.items()})
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -370,11 +374,12 @@ class Reptile(Learner):
         return run(phi, batch.query_x)
 
     def _fine_tune_tasks(self, run: BatchedForward, theta: Params, x: Tensor, y: Tensor, steps: int,
-                         batch_size: int | None, generators: Sequence[torch.Generator | None],
+                         batch_size: int | None, generators: Sequence[torch.Generator | None], keep_graph: bool = False,
                          ) -> tuple[Params, Tensor, Any]:
         """Every task's adapted weights `(T, *p.shape)`, first mini-batch losses `(T,)`, final optimizer state."""
         return fine_tune_tasks(run, theta, x, y, loss_fn=self._loss_fn, steps=steps, optimizer=self.inner_opt,
-                               batch_size=batch_size, generators=generators, state=self._start_state(x.shape[0]))
+                               batch_size=batch_size, generators=generators, state=self._start_state(x.shape[0]),
+                               keep_graph=keep_graph)
 
     def _metrics(self, run: BatchedForward, params: Params, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Per-task query metrics `(T,)` of stacked weights `(T, *p.shape)` on `x (T, N, ...)`."""

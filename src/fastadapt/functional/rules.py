@@ -165,16 +165,17 @@ class _Group:
     def query_passes(self, point: Params, step: int, last: bool) -> tuple[list[Tensor], Tensor, Params]:
         """Per-task first-order query passes at the parameters `point` of step `step`: outputs,
         losses `(T,)` and gradients stacked `(T, *p.shape)` for every entry of `point`. The query
-        hook applies at every point, the outer term at the `last` one (its gradient w.r.t. the
-        adapted parameters here, the rest in `outer_direct`)."""
+        hook applies at every point, the outer and query terms at the `last` one (the outer term's
+        gradient w.r.t. the adapted parameters here, the rest in `outer_direct`)."""
         outputs, losses, grads = [], [], []
         seams = self.seams
         for t in range(self.tasks):
             x, y = self.part.query_x[t], self.part.query_y[t]
             inputs = (lambda p, x=x, y=y: seams.query_inputs(p, x, y)) if seams.query_hook is not None else None
             initial = self.initial_of(t)
-            extra = ((lambda p, initial=initial: seams.outer_term(p, {n: v.detach() for n, v in initial.items()}))
-                     if last and seams.outer_term is not None else None)
+            extra = ((lambda p, x=x, y=y, initial=initial: seams.outer(p, {n: v.detach() for n, v in initial.items()})
+                      + seams.query(p, x, y))
+                     if last and (seams.outer_term is not None or seams.query_term is not None) else None)
             with self.context(step):
                 output, loss, g = self.query_pass({n: p[t] for n, p in point.items()}, x, y, inputs=inputs,
                                                   extra=extra)

@@ -7,7 +7,9 @@
 - `inner_term(params, step) -> scalar`: added to a task's support loss at inner step `step`
   (a regulariser, a proximal term);
 - `outer_term(adapted, initial) -> scalar`: added to a task's outer loss, from its adapted and
-  its initial parameters (a KL divergence, a regulariser).
+  its initial parameters (a KL divergence, a regulariser);
+- `query_term(adapted, x, y) -> scalar`: added to a task's outer loss, from its adapted
+  parameters and its query set (TRADES' divergence between clean and attacked predictions).
 
 With `hook_gradients=False` (the default) a hook sees detached parameters and its output is
 data: the meta-gradient does not flow through it (adversarial training's convention); with True
@@ -48,11 +50,13 @@ class Seams:
     inner_term: Callable[[Params, int], Tensor] | None = None
     outer_term: Callable[[Params, Params], Tensor] | None = None
     hook_gradients: bool = False
+    query_term: Callable[[Params, Tensor, Tensor], Tensor] | None = None
 
     @property
     def active(self) -> bool:
         """Whether any seam is set."""
-        return any(f is not None for f in (self.support_hook, self.query_hook, self.inner_term, self.outer_term))
+        return any(f is not None for f in (self.support_hook, self.query_hook, self.inner_term, self.outer_term,
+                                           self.query_term))
 
     def support_inputs(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """One task's support inputs through `support_hook` (unchanged without one)."""
@@ -82,6 +86,10 @@ class Seams:
     def outer(self, adapted: Params, initial: Params) -> Tensor | float:
         """One task's outer term (0 without one)."""
         return 0.0 if self.outer_term is None else self.outer_term(adapted, initial)
+
+    def query(self, adapted: Params, x: Tensor, y: Tensor) -> Tensor | float:
+        """One task's query term at its adapted parameters and clean query set (0 without one)."""
+        return 0.0 if self.query_term is None else self.query_term(adapted, x, y)
 
     def _through(self, hook: InputHook | None, params: Params, x: Tensor, y: Tensor) -> Tensor:
         if hook is None:

@@ -2,7 +2,8 @@
 balls) and every learner's metrics under attack after adaptation (over fixed episodes:
 `fastadapt.training.evaluate_under_attack`; of a run directory: `fastadapt.robust.evaluate`);
 input corruptions on the support set, the query set or both (`corrupt`, `corrupted_batch`,
-`training.evaluate_corrupted`); label noise in support sets (`NoisyLabels`, a task source).
+`training.evaluate_corrupted`); label noise in support sets (`NoisyLabels`, a task source); robust meta-training (`RobustTraining`:
+adversarial querying, ADML-style, TRADES-style).
 
 Example:
     >>> attack = pgd(8 / 255, steps=10)
@@ -14,9 +15,11 @@ from .attacks import Attack, default_loss, fgsm, pgd
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_batch
 from .evaluation import attack_generator, attacked_task_metrics
 from .label_noise import NOISE_KINDS, NoisyLabels, noisy_per_class
+from .training import METHODS, RobustTraining
 
-__all__ = ["Attack", "CORRUPTIONS", "NOISE_KINDS", "NoisyLabels", "SEVERITIES", "attack_generator", "noisy_per_class", "attacked_task_metrics", "corrupt",
-           "corrupted_batch", "default_loss", "evaluate", "fgsm", "pgd"]
+__all__ = ["Attack", "CORRUPTIONS", "METHODS", "NOISE_KINDS", "NoisyLabels", "RobustTraining", "SEVERITIES",
+           "attack_generator", "noisy_per_class", "attacked_task_metrics", "corrupt", "corrupted_batch", "default_loss",
+           "evaluate", "fgsm", "pgd"]
 
 
 def __getattr__(name: str):

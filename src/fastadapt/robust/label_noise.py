@@ -2,15 +2,18 @@
 2022), at a given rate, with the true class keeping a plurality of every label:
 
 - `symmetric`: in every class, `m = rate * shots` support examples take the label of another
-  class (a random exchange among all classes' picked examples, none keeping its own label);
+  class, spread as evenly as possible over the other classes (a random exchange: in a random order
+  of the classes, class i's picked examples go to the m classes after it, cyclically), so every
+  label receives `m` examples, at most `ceil(m / (ways - 1))` from any one other class;
 - `pair`: class c's `m` picked examples take label c+1 (mod ways), as a fixed confusion;
 - `outlier`: class c's `m` picked examples are replaced by images of classes outside the episode
   (one class each), keeping label c.
 
-Every label still has `shots` examples, `shots - m` of its own class, and at most `m` of any one
-other source: a plurality needs `2m < shots` (1- and 2-shot episodes allow no noise). The rate must
-be a whole number of shots (`m / shots`: 0.2 or 0.4 at 5 shots); another one, or one that loses the
-plurality, is refused.
+Every label still has `shots` examples, `shots - m` of its own class; the true class keeps a
+plurality when that beats the most any one other source gives it (pair: `m`, symmetric:
+`ceil(m / (ways - 1))`, outlier: 1): 5-shot episodes allow pair noise at 0.2 and 0.4, symmetric
+and outlier noise up to 0.6. The rate must be a whole number of shots (`m / shots`); another one,
+or one that loses the plurality, is refused.
 
 Example:
     >>> import torch
@@ -36,23 +39,44 @@ NOISE_KINDS = ("symmetric", "pair", "outlier")
 _NOISE_STREAM = 4  # the third key of the noise's seed sequence, apart from the episode's own draws
 
 
-def noisy_per_class(rate: float, shots: int) -> int:
-    """How many of a class's `shots` support examples are noisy at `rate`, with the plurality kept.
+def _largest_other(kind: str, noisy: int, ways: int) -> int:
+    """The most examples one other source gives a label with `noisy` noisy examples per class."""
+    if kind == "pair":
+        return noisy
+    if kind == "symmetric":
+        return -(-noisy // (ways - 1))
+    return 1 if noisy else 0
+
+
+def allowed_rates(kind: str, shots: int, ways: int) -> list[float]:
+    """The rates of `kind` noise above 0 at which the true class keeps a plurality.
 
     Example:
-        >>> noisy_per_class(0.4, 5), noisy_per_class(0.2, 5)
-        (2, 1)
+        >>> allowed_rates("pair", 5, 5), allowed_rates("symmetric", 5, 5)
+        ([0.2, 0.4], [0.2, 0.4, 0.6])
+    """
+    return [m / shots for m in range(1, shots) if shots - m > _largest_other(kind, m, ways)]
+
+
+def noisy_per_class(rate: float, shots: int, kind: str = "pair", ways: int = 5) -> int:
+    """How many of a class's `shots` support examples are noisy at `rate` for `kind` noise in
+    `ways`-way episodes, refused where the true class would lose its plurality.
+
+    Example:
+        >>> noisy_per_class(0.4, 5), noisy_per_class(0.2, 5), noisy_per_class(0.6, 5, "symmetric")
+        (2, 1, 3)
     """
     if not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ValueError(f"a label-noise rate must be a number in [0, 1], got {rate!r}")
     noisy = round(rate * shots)
+    allowed = ", ".join(f"{r:g}" for r in allowed_rates(kind, shots, ways)) or "none"
     if abs(rate * shots - noisy) > 1e-9:
-        allowed = ", ".join(f"{m / shots:g}" for m in range(1, (shots - 1) // 2 + 1)) or "none"
         raise ValueError(f"rate {rate} is not a whole number of the {shots} shots ({rate * shots:g} examples per "
-                         f"class); rates with the true class keeping a plurality: {allowed}")
-    if 2 * noisy >= shots and noisy > 0:
-        raise ValueError(f"rate {rate} makes {noisy} of {shots} shots noisy: the true class would not keep a "
-                         f"plurality (it needs more than half of the shots; at most {(shots - 1) // 2} noisy)")
+                         f"class); {kind} rates with the true class keeping a plurality: {allowed}")
+    if noisy and shots - noisy <= _largest_other(kind, noisy, ways):
+        raise ValueError(f"rate {rate} makes {noisy} of {shots} shots noisy: with {kind} noise the true class would "
+                         f"not keep a plurality ({shots - noisy} of its own against up to "
+                         f"{_largest_other(kind, noisy, ways)} from another source); {kind} rates that keep it: {allowed}")
     return noisy
 
 
@@ -65,7 +89,7 @@ class NoisyLabels:
         if kind not in NOISE_KINDS:
             raise ValueError(f"label-noise kind must be one of {', '.join(NOISE_KINDS)}, got {kind!r}")
         self.sampler, self.kind, self.rate = sampler, kind, rate
-        self.noisy_per_class = noisy_per_class(rate, sampler.shots)
+        self.noisy_per_class = noisy_per_class(rate, sampler.shots, kind, sampler.ways)
         self.seed = sampler.seed
         outside = sampler.classes - sampler.ways
         if kind == "outlier" and sampler.ways * self.noisy_per_class > outside:
@@ -102,10 +126,17 @@ class NoisyLabels:
 
 def _exchange(ways: int, m: int, rng: np.random.Generator) -> np.ndarray:
     """New labels for `m` picked examples of each of `ways` classes (class-major): every label given
-    `m` times, none to an example of its own class (a random permutation, redrawn until it is one)."""
-    own = np.repeat(np.arange(ways), m)
-    for _ in range(1000):
-        new = rng.permutation(own)
-        if not (new == own).any():
-            return new
-    return (own + rng.integers(1, ways)) % ways  # a shifted assignment: always valid
+    `m` times, none to an example of its own class, at most `ceil(m / (ways - 1))` from any one
+    class. In a random order of the classes, class i's j-th example goes to the class
+    `1 + (j + r) mod (ways - 1)` places after it (r random): each label receives one example per j.
+
+    Example:
+        >>> labels = _exchange(5, 3, np.random.default_rng(0)).reshape(5, 3)
+        >>> [sorted(set(row) - {c}) == sorted(row) for c, row in enumerate(labels.tolist())]
+        [True, True, True, True, True]
+    """
+    order, shift = rng.permutation(ways), int(rng.integers(ways - 1))
+    position = np.empty(ways, dtype=np.int64)
+    position[order] = np.arange(ways)
+    offsets = 1 + (np.arange(m) + shift) % (ways - 1)  # (m,)
+    return order[(position[:, None] + offsets[None, :]) % ways].reshape(-1)

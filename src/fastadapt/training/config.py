@@ -34,6 +34,8 @@ MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 _INNER_OPTIMIZER_ALGORITHMS = ("imaml", "reptile", *MAML_FAMILY)
 # algorithms that train tasks (or task groups) in threads (task_workers)
 _TASK_WORKER_ALGORITHMS = (*MAML_FAMILY, "imaml")
+# algorithms that train robustly on attacked inputs (robust_training)
+ROBUST_ALGORITHMS = (*MAML_FAMILY, "protonet", "matchingnet")
 # algorithms without an unrolled inner loop (no compile, no inner-loop checkpointing)
 _METRIC_OR_FINE_TUNING = ("protonet", "matchingnet", "baseline")
 _DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # where a run lives: cpu, cuda or cuda:N
@@ -218,11 +220,27 @@ class MatchingKeys(_Section):
                                                            "support embeddings")
 
 
+class RobustKeys(_Section):
+    """Robust meta-training (`robust.RobustTraining`): the outer loss on attacked inputs."""
+
+    title: ClassVar[str] = "robust meta-training"
+    applies_to: ClassVar[tuple[str, ...] | None] = ROBUST_ALGORITHMS
+    robust_training: Literal["none", "aq", "adml", "trades"] = Field(
+        "none", description="none; aq: attacked queries in the outer loss (adversarial querying); adml: attacked "
+        "support and query sets (MAML family); trades: clean loss + trades_beta x KL(clean || attacked)")
+    robust_attack: Literal["fgsm", "pgd"] = Field("fgsm", description="the training attack: fgsm (from a random "
+                                                  "start, step 1.25 eps) or pgd (robust_steps steps, random start)")
+    robust_eps: float = Field(8 / 255, gt=0, description="radius of the training attack (inputs in [0, 1])")
+    robust_norm: Literal["linf", "l2"] = Field("linf", description="the training attack's ball")
+    robust_steps: int = Field(1, ge=1, description="pgd: steps of the training attack (fgsm: 1)")
+    trades_beta: float = Field(6.0, ge=0, description="trades: weight of the KL term")
+
+
 SECTIONS: tuple[type[_Section], ...] = (RunKeys, DataKeys, ModelKeys, OuterKeys, InnerKeys, MamlPlusPlusKeys,
-                                        ImamlKeys, ReptileKeys, BaselineKeys, ProtoNetKeys, MatchingKeys)
+                                        ImamlKeys, ReptileKeys, BaselineKeys, ProtoNetKeys, MatchingKeys, RobustKeys)
 
 
-class Config(MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
+class Config(RobustKeys, MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
              ModelKeys, DataKeys, RunKeys):
     """Everything a run depends on: the keys of every section. Defaults: MAML on sinusoid regression
     (the embedded default). Construction validates; a bad key or value is a `ConfigError`.
@@ -307,7 +325,18 @@ class Config(MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, M
         _check_optimizers(self)
         _check_mamlpp(self)
         _check_execution(self)
+        _check_robust(self)
         return self
+
+    def robust_options(self) -> Any:
+        """The `robust.RobustTraining` of `robust_training` (seeded by `seed`), or None for none."""
+        if self.robust_training == "none":
+            return None
+        from ..robust import RobustTraining, fgsm, pgd
+
+        attack = (fgsm(self.robust_eps, random_start=True) if self.robust_attack == "fgsm"
+                  else pgd(self.robust_eps, norm=self.robust_norm, steps=self.robust_steps))
+        return RobustTraining(self.robust_training, attack, beta=self.trades_beta, seed=self.seed)
 
 
 # the keys that say where and how fast a run computes, not what (a run resumes with other values)
@@ -323,7 +352,8 @@ def _check_sections(config: Config) -> None:
                    if getattr(config, k) != f.default and not (section.falsy_is_default and not getattr(config, k))}
         if changed:
             owner = (f"algorithm {section.applies_to[0]!r}" if len(section.applies_to) == 1
-                     else f"the MAML family ({', '.join(section.applies_to)})")
+                     else f"the MAML family ({', '.join(section.applies_to)})" if section.applies_to == MAML_FAMILY
+                     else f"algorithms {', '.join(section.applies_to)}")
             defaults = ", ".join(f"{k}: {_yaml(section.model_fields[k].default)}" for k in changed)
             raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in changed.items())} "
                               f"appl{'ies' if len(changed) == 1 else 'y'} to {owner}, not {config.algorithm!r}; "
@@ -406,6 +436,28 @@ def _check_execution(config: Config) -> None:
     if config.task_workers > 1 and config.algorithm not in _TASK_WORKER_ALGORITHMS:
         raise ConfigError(f"task_workers={config.task_workers} trains tasks in threads; not with algorithm "
                           f"{config.algorithm!r} ({', '.join(_TASK_WORKER_ALGORITHMS)}). Set task_workers: 1")
+
+
+def _check_robust(config: Config) -> None:
+    """Robust training's keys: on a classification task, each where it has a meaning."""
+    others = {k: getattr(config, k) for k in RobustKeys.model_fields
+              if k != "robust_training" and getattr(config, k) != RobustKeys.model_fields[k].default}
+    if config.robust_training == "none":
+        if others:
+            raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in others.items())} set(s) the training attack, but "
+                              "robust_training is none (use robust_training: aq, adml or trades)")
+        return
+    if config.task != "classification":
+        raise ConfigError(f"robust_training {config.robust_training!r} attacks classification inputs in [0, 1]; "
+                          f"{config.dataset!r} is regression")
+    if config.robust_training == "adml" and config.algorithm not in MAML_FAMILY:
+        raise ConfigError(f"robust_training 'adml' attacks the support set of an inner loop; {config.algorithm!r} "
+                          "has none (use aq or trades)")
+    if config.robust_attack == "fgsm" and (config.robust_steps != 1 or config.robust_norm != "linf"):
+        raise ConfigError(f"robust_attack 'fgsm' is one L-inf step; got robust_steps={config.robust_steps}, "
+                          f"robust_norm={config.robust_norm!r} (use robust_attack: pgd)")
+    if config.trades_beta != 6.0 and config.robust_training != "trades":
+        raise ConfigError(f"trades_beta applies to robust_training 'trades', not {config.robust_training!r}")
 
 
 # -- what a key allows, in words ------------------------------------------------------------------

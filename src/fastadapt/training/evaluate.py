@@ -102,10 +102,12 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
 
 
 def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,
-                          batch_size: int = 32, inner_steps: int | None = None) -> dict[str, Estimate]:
-    """Like `evaluate_learner`, with every episode's query set attacked after adaptation
-    (`robust.attacked_task_metrics`; the attack's random start from the source's seed and the
-    episode's index). `attack` with `eps=0` gives the clean numbers.
+                          batch_size: int = 32, inner_steps: int | None = None, target: str = "query"
+                          ) -> dict[str, Estimate]:
+    """Like `evaluate_learner`, with every episode attacked at `target`: its query set after
+    adaptation, its support set through adaptation (poisoning) or both (`robust.attacked_task_metrics`;
+    the attack's random start from the source's seed and the episode's index). `attack` with
+    `eps=0` gives the clean numbers.
 
     Example:
         >>> from fastadapt import MAML, SinusoidTasks
@@ -117,7 +119,7 @@ def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, 
     """
     return estimate_over_episodes(
         lambda batch, start: attacked_task_metrics(learner, batch, attack, seed=source.seed, first_index=start,
-                                                   inner_steps=inner_steps),
+                                                   inner_steps=inner_steps, target=target),
         source, episodes, batch_size, [learner])
 
 

@@ -104,11 +104,12 @@ def _new_learner(config: Config) -> Learner:
         else:  # the literature's Conv4: 64 filters on grey characters and digits, 32 on colour images
             model = Conv4(channels, ways, hidden=64 if channels == 1 else 32, image_size=size,
                           track_running_stats=running, pooling="stride" if config.backbone == "conv4-strided" else "max")
+    robust = config.robust_options()
     if config.algorithm == "protonet":
-        return ProtoNet(model, precision=config.precision, aggregation=config.aggregation)
+        return ProtoNet(model, precision=config.precision, aggregation=config.aggregation, robust=robust)
     if config.algorithm == "matchingnet":
         return MatchingNet(model, fce=config.fce, fce_steps=config.fce_steps,
-                           similarity=config.similarity)  # type: ignore[arg-type]
+                           similarity=config.similarity, robust=robust)  # type: ignore[arg-type]
     if config.algorithm == "reptile":
         return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                        inner_optimizer=config.inner_optimizer, inner_batch=config.inner_batch,  # type: ignore[arg-type]
@@ -125,7 +126,7 @@ def _new_learner(config: Config) -> Learner:
                                                 task=config.task, precision=config.precision, compile=config.compile,
                                                 checkpoint_inner_loop=config.checkpoint_inner_loop,
                                                 task_workers=config.task_workers, inner_optimizer=config.inner_optimizer,
-                                                **config.mamlpp_options())
+                                                **config.mamlpp_options(), **(robust.seams(model) if robust else {}))
 
 
 def test_source(config: Config, ways: int | None = None, shots: int | None = None, queries: int | None = None,

@@ -5,7 +5,7 @@ corruption severity) and a Markdown table.
 Example:
     >>> row = {"condition": "attack", "eps": 0.1, "metrics": {"accuracy": {"mean": 0.5, "ci95": 0.01}}}
     >>> condition_label(row)
-    'attack eps 0.1'
+    'attack eps 0.1 on query'
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def read_robustness(run_dir: Path, run_name: str) -> list[RobustnessResult]:
 
 
 def condition_label(row: dict[str, Any]) -> str:
-    """A condition in words: 'clean', 'attack eps 0.1', 'label noise pair 0.4', 'rotation 3 (query)'."""
+    """A condition in words: 'clean', 'attack eps 0.1 on support' (files without a target: query), 'label noise pair 0.4', 'rotation 3 (query)'."""
     kind = row["condition"]
     if kind == "attack":
-        return f"attack eps {row['eps']:g}"
+        return f"attack eps {row['eps']:g} on {row.get('target', 'query')}"
     if kind == "label_noise":
         return f"label noise {row['kind']} {row['rate']:g}"
     if kind == "corruption":
@@ -89,7 +89,8 @@ def _curves(results: Sequence[RobustnessResult]) -> dict[str, dict[str, list[tup
         for row in result["conditions"]:
             mean, ci = _accuracy(row)
             if row["condition"] == "attack":
-                panels["attack"][f"{setting} {attack.get('kind', '')} {attack.get('norm', '')}"].append((row["eps"], mean, ci))
+                line = f"{setting} {attack.get('kind', '')} {attack.get('norm', '')} {row.get('target', 'query')}"
+                panels["attack"][line].append((row["eps"], mean, ci))
             elif row["condition"] == "label_noise":
                 panels["label_noise"][f"{setting} {row['kind']}"].append((row["rate"], mean, ci))
             elif row["condition"] == "corruption":
@@ -114,7 +115,7 @@ def plot_robustness(results: Sequence[RobustnessResult], path: Path) -> bool:
 
     from ..io import atomic_path
 
-    titles = {"attack": ("accuracy under attack (queries, after adaptation)", "eps"),
+    titles = {"attack": ("accuracy under attack (on query, support or both)", "eps"),
               "label_noise": ("support-set label noise", "noise rate"),
               "corruption": ("corruptions (mean over the names at each severity)", "severity")}
     shown = [k for k in titles if k in panels]
