@@ -234,6 +234,8 @@ def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_
     assert accuracy[0] == pytest.approx(fastadapt.evaluate(run, episodes=6, shots=5)["mean"], abs=1e-9)
     assert accuracy[2] < accuracy[0] and accuracy[4] < accuracy[0]
     assert main(command) == 0 and json.loads(files[0].read_text()) == result  # the same numbers again
+    median = fastadapt.robust.evaluate(run, episodes=6, shots=5, label_noise=[("pair", 0.4)], aggregation="median")
+    assert median["aggregation"] == "median" and len(list((run / "robustness").glob("*.json"))) == 2
     from fastadapt.training.config import ConfigError
 
     for bad, message in (({"corruptions": [("fog", 2)]}, "corruption fog:2: unknown corruption 'fog'"),
@@ -243,7 +245,13 @@ def test_the_robustness_command_writes_every_condition_and_the_clean_number(tmp_
                           r"targets must be some of query, support, both, got \['middle'\]")):
         with pytest.raises(ConfigError, match=message):  # before any episode is evaluated
             fastadapt.robust.evaluate(run, episodes=2, **bad)
-    assert len(list((run / "robustness").glob("*.json"))) == 1
+    assert len(list((run / "robustness").glob("*.json"))) == 2
+    from fastadapt.cli import _radius
+
+    assert _radius("8/255") == 8 / 255 and _radius("0.5") == 0.5
+    with pytest.raises(SystemExit):
+        main(["robustness", str(run), "--eps", "8/0"])
+    assert "expected a number >= 0, got '8/0'" in capsys.readouterr().err
     for bad, message in ((["--attack", "fgsm", "--steps", "3", "--eps", "0.1"], "--attack fgsm is one L-inf step"),
                          (["--label-noise", "all"], "1-shot support sets allow no label noise"),
                          (["--label-noise", "swap:0.2", "--shots", "5"], "the kind must be one of symmetric, pair"),

@@ -82,7 +82,7 @@ def test_the_robust_maml_loss_and_meta_gradient_equal_the_reference_on_every_pat
                     **robust.seams(model))
         loss, _ = maml.meta_loss(batch)
         loss.backward()
-        assert float(loss) == pytest.approx(float(expected), rel=1e-10), (execution, checkpoint)
+        assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-10), (execution, checkpoint)
         for (name, p), g in zip(model.named_parameters(), wanted):
             got = p.grad if p.grad is not None else torch.zeros_like(p)
             assert torch.allclose(got, g, rtol=1e-8, atol=1e-11), (execution, checkpoint, name)
@@ -176,3 +176,38 @@ def test_a_robust_run_repeats_and_resumes_exactly(tmp_path):
     a, _ = load_checkpoint(tmp_path / "whole" / "checkpoints" / f"{step_name(6)}.json")
     b, _ = load_checkpoint(cut / "checkpoints" / f"{step_name(6)}.json")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("learner."))
+
+
+def test_a_trimmed_inner_loss_drops_the_worst_support_examples_on_every_path(float64):
+    from fastadapt.algorithms.objectives import trimmed_loss
+
+    batch = _batch(tasks=2, shots=5, queries=2)
+    model = _model()
+    theta = dict(model.named_parameters())
+    expected = []
+    for t in range(len(batch)):
+        params = dict(theta)
+        for _ in range(2):
+            each = F.cross_entropy(forward(model, params, batch.support_x[t]), batch.support_y[t], reduction="none")
+            loss = each.sort().values[:15].mean()  # 25 examples less the 40% = 10 worst
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, materialize_grads=True)
+            params = {n: p - 0.3 * g for (n, p), g in zip(params.items(), grads)}
+        expected.append(F.cross_entropy(forward(model, params, batch.query_x[t]), batch.query_y[t]))
+    expected = torch.stack(expected).mean()
+    wanted = torch.autograd.grad(expected, list(model.parameters()), materialize_grads=True)
+    for execution, checkpoint in (("loop", False), ("loop", True), ("per-task", False), ("vmap", False)):
+        model.zero_grad()
+        maml = MAML(model, 0.3, inner_steps=2, execution=execution, checkpoint_inner_loop=checkpoint,
+                    inner_loss_fn=trimmed_loss("classification", 0.4))
+        loss, _ = maml.meta_loss(batch)
+        loss.backward()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-10), execution
+        assert all(torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), g, rtol=1e-8, atol=1e-11)
+                   for p, g in zip(model.parameters(), wanted)), execution
+    learner = build_learner(Config.from_dict({"algorithm": "maml", "dataset": "omniglot", "backbone": "conv4",
+                                              "inner_trim": 0.4}))
+    assert learner.inner_loss_fn is not None
+    with pytest.raises(ConfigError, match="inner_trim trims the inner loss of the MAML family; 'protonet'"):
+        Config.from_dict({"algorithm": "protonet", "dataset": "omniglot", "backbone": "conv4", "inner_trim": 0.2})
+    with pytest.raises(ValueError, match="trim must be a fraction in"):
+        trimmed_loss("classification", 1.0)

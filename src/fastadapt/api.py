@@ -165,14 +165,16 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
                         corruptions: Sequence[tuple[str, int]] = (),
                         corrupt: str = "both", episodes: int = 1000, ways: int | None = None, shots: int | None = None,
                         queries: int | None = None, inner_steps: int | None = None, dataset: str | None = None,
-                        device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+                        aggregation: str | None = None, device: str | None = None, threads: int | None = None
+                        ) -> dict[str, Any]:
     """A trained classification run (its best checkpoint, else its newest) on fixed test episodes
     under each condition, one at a time, after the clean evaluation: `attack` at each radius in
     `eps` with the attacker at each of `targets` ("query": the predictor adapted to the clean support
     set is attacked on the queries; "support": the support set is poisoned through adaptation;
     "both"; `robust.attacked_task_metrics`), each `(kind, rate)` of `label_noise` in the support sets (`robust.NoisyLabels`), each `(name,
     severity)` of `corruptions` on the support set, the query set or both (`corrupt`). Other ways /
-    shots / queries / inner steps / `dataset` as in `evaluate`. Writes
+    shots / queries / inner steps / `dataset` as in `evaluate`; a ProtoNet run's prototypes by
+    another `aggregation` (median, trimmed-mean, weighted: robust to label noise). Writes
     `RUN_DIR/robustness/<...>.json` and returns it (also `fastadapt.robust.evaluate`).
 
     Example:
@@ -183,6 +185,8 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
     """
     run_dir = Path(run_dir)
     config = _evaluation_config(run_dir, episodes, device=device, threads=threads)
+    if aggregation is not None:
+        config = config.replace(aggregation=aggregation)
     if config.task != "classification":
         raise ConfigError(f"robustness evaluates classification runs; {run_dir} is a {config.task} run on "
                           f"{config.dataset!r}")
@@ -230,13 +234,15 @@ def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps:
         "dataset": dataset or config.dataset, "trained_on": config.dataset, "ways": ways, "shots": shots,
         "queries": queries, "episodes": episodes, "eval_seed": config.eval_seed,
         "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
+        **({"aggregation": aggregation} if aggregation is not None else {}),
         "attack": None if attack is None else {
             "kind": "fgsm" if attack.steps == 1 else "pgd", "norm": attack.norm, "steps": attack.steps,
             "step_size": attack.step_size, "random_start": attack.random_start,
             "bounds": list(attack.bounds) if attack.bounds else None},
         "conditions": conditions,
     }
-    what = [result["attack"], [c for c, _ in runs], queries, result["inner_steps"], config.eval_seed]
+    what = [result["attack"], [c for c, _ in runs], queries, result["inner_steps"], config.eval_seed,
+            *([aggregation] if aggregation is not None else [])]
     digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
     tag = f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s-{episodes}ep-{digest}"
     write_json(run_dir / "robustness" / f"{tag}.json", result)

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "sets after adaptation, on the support sets through adaptation, or both), label noise in the support sets, input corruptions; "
                               "mean +- 95%% CI each, written to RUN_DIR/robustness/<...>.json.")
     rob.add_argument("run_dir", type=Path)
-    rob.add_argument("--eps", type=_radius, nargs="+", default=[], help="attack radii (inputs lie in [0, 1])")
+    rob.add_argument("--eps", type=_radius, nargs="+", default=[],
+                     help="attack radii (inputs lie in [0, 1]); a fraction such as 8/255 is read as its value")
     rob.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="fgsm (one step) or pgd (default)")
     rob.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the ball (default linf; fgsm: linf)")
     rob.add_argument("--steps", type=_flag_type("inner_steps"), default=10, help="pgd steps (default 10)")
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_key_flag(rob, key, f"{Config.model_fields[key].description} (default: the run's)")
     rob.add_argument("--queries", type=_flag_type("eval_queries"), help="query examples per class (default: the run's)")
     rob.add_argument("--inner-steps", type=_flag_type("inner_steps"), help="inner steps at test time (default: the run's)")
+    rob.add_argument("--aggregation", choices=get_args(key_kind("aggregation")),
+                     help="protonet runs: prototypes by this aggregation instead of the run's (median, trimmed-mean, "
+                     "weighted: robust to label noise)")
     for key in ("device", "threads"):
         _add_key_flag(rob, key, f"{Config.model_fields[key].description} (default: the run's)")
 
@@ -249,10 +253,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _radius(text: str) -> float:
-    """An argparse type: an attack radius, a finite number >= 0."""
+    """An argparse type: an attack radius, a finite number >= 0, or a fraction of it (`8/255`)."""
+    numerator, slash, denominator = text.partition("/")
     try:
-        value = float(text)
-    except ValueError:
+        value = float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
         value = float("nan")
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
@@ -274,7 +279,8 @@ def _robustness(args: argparse.Namespace) -> None:
                                                                args.ways or config.ways),
                                  corruptions=_corruption_conditions(args.corruption), corrupt=args.corrupt,
                                  episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
-                                 inner_steps=args.inner_steps, dataset=args.dataset, device=args.device,
+                                 inner_steps=args.inner_steps, dataset=args.dataset, aggregation=args.aggregation,
+                                 device=args.device,
                                  threads=args.threads)
     where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
     print(f"{result['ways']}-way {result['shots']}-shot{where}, {result['episodes']} episodes, accuracy (95% CI):")

@@ -114,6 +114,9 @@ class GradientLearner(Learner):
             (and the `loss` metric); None: cross-entropy for classification, MSE for regression.
             It runs task by task: "auto" execution does not vmap it (ask `execution="vmap"` for a
             vmap-safe one).
+        inner_loss_fn: the support-set loss of the inner loop alone (default `loss_fn`), e.g.
+            `objectives.trimmed_loss(task, 0.4)`, which ignores the support examples with the
+            largest loss (noisy labels). Runs task by task, as `loss_fn`.
         support_hook, query_hook, inner_term, outer_term, hook_gradients, query_term: per-task
             additions on every execution path (`functional.seams`): inputs transformed given the
             current parameters (an attack, augmentation, noise), terms added to the inner and the
@@ -155,6 +158,7 @@ class GradientLearner(Learner):
         per_step_bn_statistics: bool = False,
         first_order_iterations: int = 0,
         loss_fn: LossFn | None = None,
+        inner_loss_fn: LossFn | None = None,
         support_hook: InputHook | None = None,
         query_hook: InputHook | None = None,
         inner_term: Callable[[Params, int], Tensor] | None = None,
@@ -185,10 +189,12 @@ class GradientLearner(Learner):
             raise ValueError(f"first_order_iterations={first_order_iterations} anneals from first to second order, "
                              "but the learner is first order throughout (first_order=True)")
         per_step_norm = per_step_bn_weights or per_step_bn_statistics
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be a function (outputs, targets) -> scalar loss, got {loss_fn!r}")
+        for name, value in (("loss_fn", loss_fn), ("inner_loss_fn", inner_loss_fn)):
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be a function (outputs, targets) -> scalar loss, got {value!r}")
         self.model = model
         self.loss_fn = loss_fn
+        self.inner_loss_fn = inner_loss_fn
         self.seams = Seams(support_hook, query_hook, inner_term, outer_term, hook_gradients, query_term)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -332,7 +338,8 @@ class GradientLearner(Learner):
         the support loss before adapting."""
         adapted = {n: params[n] for n in self.adapt_names}
         frozen = {n: p for n, p in params.items() if n not in adapted}
-        trajectory = adapt(model_support_loss(self.model, sx, sy, loss_fn=self._loss_fn, frozen=frozen, hooks=hooks,
+        trajectory = adapt(model_support_loss(self.model, sx, sy, loss_fn=self.inner_loss_fn or self._loss_fn,
+                                              frozen=frozen, hooks=hooks,
                                               seams=self.seams if self.seams.active else None),
                            adapted, optimizer=self.inner_optimizer_for_task(), steps=steps, first_order=first_order)
         return [{**frozen, **point} for point in trajectory.points], trajectory.losses[0]
@@ -433,7 +440,8 @@ class GradientLearner(Learner):
             'vmap'
         """
         trainable = any(p.requires_grad for p in self.parameters())
-        yours = [what for what, on in (("a loss_fn", self.loss_fn is not None), ("hooks or terms", self.seams.active),
+        yours = [what for what, on in (("a loss_fn", self.loss_fn is not None or self.inner_loss_fn is not None),
+                                       ("hooks or terms", self.seams.active),
                                        ("per-task initial parameters", per_task_initial)) if on]
         return plan_meta_batch(self.model, batch, request=self.execution, user_functions=", ".join(yours) or None,
                                differentiate=torch.is_grad_enabled() and trainable,
@@ -494,7 +502,7 @@ class GradientLearner(Learner):
             group=plan.group, autocast_dtype=_AUTOCAST[self.precision], checkpoint=self.checkpoint_inner_loop,
             hooks=self._hooks(training=True), replay_hooks=self._hooks(training=True, update=False),
             step_weights=weights, workers=plan.workers, vmap_loss=self.loss_fn is None, seams=self.seams,
-            initial=initial)
+            initial=initial, support_loss_fn=self.inner_loss_fn)
         rows = [self._metrics(out, batch.query_y[t]) for t, out in enumerate(outputs)]
         metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
         metrics["support_loss"] = support_losses.mean()

@@ -7,7 +7,7 @@ from typing import Callable, Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TaskKind", "task_loss", "task_metrics"]
+__all__ = ["TaskKind", "task_loss", "task_metrics", "trimmed_loss"]
 
 TaskKind = Literal["classification", "regression"]
 
@@ -17,6 +17,31 @@ def task_loss(kind: TaskKind, output: Tensor, target: Tensor) -> Tensor:
     if kind == "classification":
         return F.cross_entropy(output, target)
     return F.mse_loss(output, target)
+
+
+def trimmed_loss(kind: TaskKind, trim: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's loss without the `trim` fraction of examples whose loss is largest (rounded down;
+    at least one example kept): a support-set loss robust to noisy labels, whose gradient ignores
+    the examples the model finds least plausible.
+
+    Example:
+        >>> import torch
+        >>> logits, labels = torch.tensor([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0, 0, 1])
+        >>> float(trimmed_loss("classification", 0.25)(logits, labels)) < float(task_loss("classification", logits, labels))
+        True
+    """
+    if not 0 <= trim < 1:
+        raise ValueError(f"trim must be a fraction in [0, 1), got {trim!r}")
+
+    def loss(output: Tensor, target: Tensor) -> Tensor:
+        if kind == "classification":
+            each = F.cross_entropy(output, target, reduction="none")
+        else:
+            each = F.mse_loss(output, target, reduction="none").flatten(1).mean(1)
+        keep = max(1, len(each) - int(trim * len(each)))
+        return each.sort().values[:keep].mean()
+
+    return loss
 
 
 def task_metrics(kind: TaskKind, output: Tensor, target: Tensor,

@@ -69,6 +69,7 @@ def meta_gradients(
     vmap_loss: bool = True,
     seams: Seams = Seams(),
     initial: Params | None = None,
+    support_loss_fn: LossFn | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor], Tensor, Tensor]:
     """The mean over tasks of the meta-gradient w.r.t. `wrt`, plus per-task query outputs, query
     losses `(T,)` and support losses before adapting `(T,)`.
@@ -78,6 +79,7 @@ def meta_gradients(
     `optim.per_task`); `hooks` are per-step parameters and contexts (MAML++'s per-step BatchNorm);
     `step_weights` (w_1 .. w_steps) make the query loss the multi-step loss `sum_i w_i L_q(θ_i)`.
     `vmap_loss=False` calls `loss_fn` task by task in a group (a loss that is not vmap-safe).
+    `support_loss_fn` (default `loss_fn`, whose query loss `query_pass` computes) is the inner loss.
     `seams` are the learner's per-task additions (`functional.seams`); `initial` gives some
     parameters per task, `(T, *p.shape)`, in place of the shared initialisation: their gradients
     come back after those of `wrt`, one per entry of `initial` (the caller deposits them into the
@@ -108,7 +110,7 @@ def meta_gradients(
     each_task = per_task(optimizer)
     leaves = {n: t.detach().requires_grad_() for n, t in (initial or {}).items()}  # cut from what made them
     targets = [*wrt, *leaves.values()]
-    per_task_loss = per_task_losses(loss_fn, vmap_loss)
+    per_task_loss = per_task_losses(support_loss_fn or loss_fn, vmap_loss and support_loss_fn is None)
     parts = batch.split(group)
     offsets = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
 

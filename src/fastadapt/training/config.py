@@ -223,7 +223,7 @@ class MatchingKeys(_Section):
 class RobustKeys(_Section):
     """Robust meta-training (`robust.RobustTraining`): the outer loss on attacked inputs."""
 
-    title: ClassVar[str] = "robust meta-training"
+    title: ClassVar[str] = "robust training (attacks, noisy labels)"
     applies_to: ClassVar[tuple[str, ...] | None] = ROBUST_ALGORITHMS
     robust_training: Literal["none", "aq", "adml", "trades"] = Field(
         "none", description="none; aq: attacked queries in the outer loss (adversarial querying); adml: attacked "
@@ -234,6 +234,8 @@ class RobustKeys(_Section):
     robust_norm: Literal["linf", "l2"] = Field("linf", description="the training attack's ball")
     robust_steps: int = Field(1, ge=1, description="pgd: steps of the training attack (fgsm: 1)")
     trades_beta: float = Field(6.0, ge=0, description="trades: weight of the KL term")
+    inner_trim: float = Field(0.0, ge=0, lt=1, description="MAML family: the inner loss leaves out this fraction "
+                              "of the support examples with the largest loss (noisy labels; 0: the plain loss)")
 
 
 SECTIONS: tuple[type[_Section], ...] = (RunKeys, DataKeys, ModelKeys, OuterKeys, InnerKeys, MamlPlusPlusKeys,
@@ -440,8 +442,11 @@ def _check_execution(config: Config) -> None:
 
 def _check_robust(config: Config) -> None:
     """Robust training's keys: on a classification task, each where it has a meaning."""
+    if config.inner_trim and config.algorithm not in MAML_FAMILY:
+        raise ConfigError(f"inner_trim trims the inner loss of the MAML family; {config.algorithm!r} has none of "
+                          "its own (protonet: aggregation median, trimmed-mean or weighted)")
     others = {k: getattr(config, k) for k in RobustKeys.model_fields
-              if k != "robust_training" and getattr(config, k) != RobustKeys.model_fields[k].default}
+              if k not in ("robust_training", "inner_trim") and getattr(config, k) != RobustKeys.model_fields[k].default}
     if config.robust_training == "none":
         if others:
             raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in others.items())} set(s) the training attack, but "

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..algorithms import (ANIL, FOMAML, IMAML, MAML, Baseline, Learner, MAMLPlusPlus, MatchingNet, MetaSGD, ProtoNet,
                           Reptile)
+from ..algorithms.objectives import trimmed_loss
 from ..data import ClassBatchSampler, DeviceTasks, EpisodeSampler, TaskSource
 from ..data.registry import dataset_info, dataset_splits, get_tasksets
 from ..nn import MLP, Conv4, ResNet12
@@ -126,6 +127,8 @@ def _new_learner(config: Config) -> Learner:
                                                 task=config.task, precision=config.precision, compile=config.compile,
                                                 checkpoint_inner_loop=config.checkpoint_inner_loop,
                                                 task_workers=config.task_workers, inner_optimizer=config.inner_optimizer,
+                                                inner_loss_fn=trimmed_loss(config.task, config.inner_trim)  # type: ignore[arg-type]
+                                                if config.inner_trim else None,
                                                 **config.mamlpp_options(), **(robust.seams(model) if robust else {}))
 
 
