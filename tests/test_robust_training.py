@@ -18,6 +18,7 @@ from fastadapt.nn import Conv4
 from fastadapt.robust import RobustTraining, fgsm, pgd
 from fastadapt.training.checkpoint import load_checkpoint, step_name
 from fastadapt.training.config import Config, ConfigError
+from fastadapt.training.evaluate import evaluate_under_attack
 from fastadapt.training.experiment import build_learner
 
 from test_robust import _bands
@@ -125,6 +126,11 @@ def test_evaluation_of_a_robustly_trained_learner_is_clean(algorithm, method):
         assert torch.equal(metric, plain.task_metrics(batch)[name]), name
     robust_loss, _ = robust_learner.meta_loss(batch)
     assert float(robust_loss) > float(plain.meta_loss(batch)[0])  # training (train mode) is attacked
+    tasks = EpisodeSampler(_bands(), ways=5, shots=1, queries=3, seed=0)
+    attack = pgd(0.2, steps=2)
+    for target in ("support", "both"):  # the seams pass evaluation's inputs through: poisoning differentiates
+        assert evaluate_under_attack(robust_learner, tasks, attack, 3, target=target)["loss"].mean == \
+            evaluate_under_attack(plain, tasks, attack, 3, target=target)["loss"].mean
 
 
 def test_robust_training_settings_are_checked_by_name():
@@ -136,7 +142,11 @@ def test_robust_training_settings_are_checked_by_name():
             ({"algorithm": "maml", "robust_training": "aq", "robust_steps": 3}, "robust_attack 'fgsm' is one L-inf step"),
             ({"algorithm": "maml", "robust_training": "aq", "trades_beta": 1.0}, "trades_beta applies to robust_training 'trades'"),
             ({"algorithm": "maml", "robust_training": "aq", "robust_eps": 0}, "robust_eps"),
-            ({"algorithm": "maml", "robust_training": "bim"}, "robust_training")):
+            ({"algorithm": "maml", "robust_training": "bim"}, "robust_training"),
+            ({"algorithm": "maml", "robust_training": "aq", "robust_attack": "pgd"}, "with robust_steps 1 is FGSM"),
+            ({"algorithm": "maml++", "robust_training": "aq", "per_step_bn_statistics": True},
+             "robust_training with per_step_bn_statistics is not supported"),
+            ({"algorithm": "reptile", "inner_trim": 0.2}, "inner_trim trims the inner loss of the MAML family")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             Config.from_dict({**base, **bad})
     with pytest.raises(ConfigError, match="attacks classification inputs in \\[0, 1\\]; 'sinusoid' is regression"):
@@ -148,6 +158,13 @@ def test_robust_training_settings_are_checked_by_name():
             RobustTraining(**bad)
     with pytest.raises(ValueError, match="'aq' or 'trades'"):
         ProtoNet(Conv4.omniglot(ways=None), robust=RobustTraining("adml"))
+    from fastadapt.nn import MLP
+
+    mlp = MLP(4, [8], 3)
+    vmapped = MAML(mlp, 0.1, execution="vmap", **RobustTraining("aq").seams(mlp))
+    with pytest.raises(ValueError, match="cannot run under torch.func.vmap"):
+        vmapped.meta_loss(TaskBatch(torch.rand(2, 6, 4), torch.randint(0, 3, (2, 6)), torch.rand(2, 6, 4),
+                                    torch.randint(0, 3, (2, 6))))
     config = Config.from_dict({**base, "algorithm": "maml", "robust_training": "trades", "robust_attack": "pgd",
                                "robust_steps": 3, "robust_eps": 0.05, "trades_beta": 2.0, "seed": 4})
     assert config.robust_options() == RobustTraining("trades", pgd(0.05, steps=3), beta=2.0, seed=4)

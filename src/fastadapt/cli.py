@@ -3,7 +3,7 @@
     fastadapt run [flags]                         meta-train and test one configuration from flags
     fastadapt train RECIPE [--set k=v] [--out D]  the same from a YAML recipe; --resume D continues D
     fastadapt eval RUN_DIR [--shots K ...]        evaluate a trained run on fixed test episodes
-    fastadapt robustness RUN_DIR --eps E ...      the run under attack after adaptation
+    fastadapt robustness RUN_DIR --eps E ...      the run under attack, label noise or corruptions
     fastadapt report RUN_DIR [RUN_DIR ...]        plots and a comparison table
 
 Bare `fastadapt run` is the embedded default: MAML on sinusoid regression, under 2 minutes on 2 CPU

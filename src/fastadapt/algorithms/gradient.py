@@ -116,7 +116,8 @@ class GradientLearner(Learner):
             vmap-safe one).
         inner_loss_fn: the support-set loss of the inner loop alone (default `loss_fn`), e.g.
             `objectives.trimmed_loss(task, 0.4)`, which ignores the support examples with the
-            largest loss (noisy labels). Runs task by task, as `loss_fn`.
+            largest loss (noisy labels). Runs task by task, as `loss_fn`; the `support_loss`
+            metric is then this loss.
         support_hook, query_hook, inner_term, outer_term, hook_gradients, query_term: per-task
             additions on every execution path (`functional.seams`): inputs transformed given the
             current parameters (an attack, augmentation, noise), terms added to the inner and the
@@ -305,9 +306,11 @@ class GradientLearner(Learner):
             return forward(self.model, {**params, **hooks.params(step)}, x)
 
     def _task_forward(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, steps: int, first_order: bool,
-                      hooks: StepHooks | None, qy: Tensor | None = None, weights: Sequence[float] | None = None):
+                      hooks: StepHooks | None, qy: Tensor | None = None, weights: Sequence[float] | None = None,
+                      with_loss: bool = True):
         """Adapts on the support set; returns the query output after the last step, the query loss
-        (multi-step with `weights`; None without `qy`) and the support loss before adapting."""
+        (multi-step with `weights`; None without `qy` or `with_loss`; `qy` also feeds the query hook)
+        and the support loss before adapting."""
         chosen = range(steps, steps + 1) if weights is None else [k for k in range(1, steps + 1)
                                                                   if weights[k - 1] > 0 or k == steps]
         with self._autocast():
@@ -316,14 +319,14 @@ class GradientLearner(Learner):
                        for k in chosen}
         if self.precision == "bf16":
             outputs = {k: o.float() for k, o in outputs.items()}
-        loss = None
-        if qy is not None:
-            loss = (self._loss_fn(outputs[steps], qy) if weights is None
-                    else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
-            loss = loss + self.seams.outer(points[steps], points[0])
-            if self.seams.query_term is not None:
-                with hooks.context(steps) if hooks is not None else contextlib.nullcontext():
-                    loss = loss + self.seams.query({**points[steps], **(hooks.params(steps) if hooks else {})}, qx, qy)
+        if qy is None or not with_loss:
+            return outputs[steps], None, support_loss
+        loss = (self._loss_fn(outputs[steps], qy) if weights is None
+                else sum(weights[k - 1] * self._loss_fn(o, qy) for k, o in outputs.items()))
+        loss = loss + self.seams.outer(points[steps], points[0])
+        if self.seams.query_term is not None:
+            with hooks.context(steps) if hooks is not None else contextlib.nullcontext():
+                loss = loss + self.seams.query({**points[steps], **(hooks.params(steps) if hooks else {})}, qx, qy)
         return outputs[steps], loss, support_loss
 
     def _query_inputs(self, params: Params, step: int, x: Tensor, y: Tensor | None, hooks: StepHooks | None) -> Tensor:
@@ -470,7 +473,7 @@ class GradientLearner(Learner):
             for t in range(len(batch)):
                 ep = batch[t]
                 after, _, _ = self._task_forward(params, ep.support_x, ep.support_y, ep.query_x, steps, True, hooks,
-                                                 ep.query_y)
+                                                 ep.query_y, with_loss=False)
                 outputs.append(after)
         return torch.stack(outputs)
 

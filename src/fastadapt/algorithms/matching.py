@@ -177,10 +177,8 @@ class MatchingNet(Learner):
         for t in range(len(batch)):
             ep = batch[t]
             if self.robust is not None and self.training and taskwise:
-                loss = self.robust.episode_loss(lambda q, ep=ep: self.episode_logits(ep.support_x, ep.support_y, q),
-                                                ep.query_x, ep.query_y)
-                with torch.no_grad():
-                    logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x)
+                loss, logits = self.robust.episode_loss(
+                    lambda q, ep=ep: self.episode_logits(ep.support_x, ep.support_y, q), ep.query_x, ep.query_y)
             else:
                 logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x)
                 loss = F.cross_entropy(logits, ep.query_y)

@@ -159,13 +159,14 @@ class ProtoNet(Learner):
 
     def _episode_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
                       ) -> tuple[Tensor, Tensor]:
-        """One episode's clean query logits and its training loss (robust in train mode with `robust`)."""
+        """One episode's query logits and its training loss (robust in train mode with `robust`:
+        the logits of the queries its loss classified, `RobustTraining.episode_loss`)."""
         if self.robust is None or not self.training:
             logits = self._episode_logits(support_x, support_y, query_x)
             return logits, F.cross_entropy(logits, query_y)
-        loss = self.robust.episode_loss(lambda q: self._episode_logits(support_x, support_y, q), query_x, query_y)
-        with torch.no_grad():
-            return self._episode_logits(support_x, support_y, query_x), loss
+        loss, logits = self.robust.episode_loss(lambda q: self._episode_logits(support_x, support_y, q), query_x,
+                                                query_y)
+        return logits, loss
 
     def _task_metrics(self, batch: TaskBatch, inner_steps: int | None) -> dict[str, Tensor]:
         """(`inner_steps` is ignored: no inner loop.)"""

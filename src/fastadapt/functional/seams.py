@@ -97,4 +97,5 @@ class Seams:
         with torch.enable_grad():
             if self.hook_gradients:
                 return hook(params, x, y)
-            return hook({n: p.detach() for n, p in params.items()}, x, y).detach()
+            out = hook({n: p.detach() for n, p in params.items()}, x, y)
+            return out if out is x else out.detach()  # inputs passed through unchanged keep their own graph

@@ -1,5 +1,6 @@
 """Robustness of meta-learned models: attacks on functions of the input (FGSM, PGD in L-inf and L2
-balls) and every learner's metrics under attack after adaptation (over fixed episodes:
+balls) and every learner's metrics with the attacker on the queries after adaptation, on the
+support set through adaptation (poisoning) or both (over fixed episodes:
 `fastadapt.training.evaluate_under_attack`; of a run directory: `fastadapt.robust.evaluate`);
 input corruptions on the support set, the query set or both (`corrupt`, `corrupted_batch`,
 `training.evaluate_corrupted`); label noise in support sets (`NoisyLabels`, a task source); robust meta-training (`RobustTraining`:

@@ -3,8 +3,9 @@
 
 - `symmetric`: in every class, `m = rate * shots` support examples take the label of another
   class, spread as evenly as possible over the other classes (a random exchange: in a random order
-  of the classes, class i's picked examples go to the m classes after it, cyclically), so every
-  label receives `m` examples, at most `ceil(m / (ways - 1))` from any one other class;
+  of the classes, class i's j-th picked example goes `1 + (j + r) mod (ways - 1)` places after it,
+  cyclically, r random), so every label receives `m` examples, at most `ceil(m / (ways - 1))` from
+  any one other class;
 - `pair`: class c's `m` picked examples take label c+1 (mod ways), as a fixed confusion;
 - `outlier`: class c's `m` picked examples are replaced by images of classes outside the episode
   (one class each), keeping label c.
@@ -12,7 +13,7 @@
 Every label still has `shots` examples, `shots - m` of its own class; the true class keeps a
 plurality when that beats the most any one other source gives it (pair: `m`, symmetric:
 `ceil(m / (ways - 1))`, outlier: 1): 5-shot episodes allow pair noise at 0.2 and 0.4, symmetric
-and outlier noise up to 0.6. The rate must be a whole number of shots (`m / shots`); another one,
+and outlier noise up to 0.6; 1- and 2-shot episodes allow none. The rate must be a whole number of shots (`m / shots`); another one,
 or one that loses the plurality, is refused.
 
 Example:
@@ -58,16 +59,18 @@ def allowed_rates(kind: str, shots: int, ways: int) -> list[float]:
     return [m / shots for m in range(1, shots) if shots - m > _largest_other(kind, m, ways)]
 
 
-def noisy_per_class(rate: float, shots: int, kind: str = "pair", ways: int = 5) -> int:
+def noisy_per_class(rate: float, shots: int, kind: str, ways: int) -> int:
     """How many of a class's `shots` support examples are noisy at `rate` for `kind` noise in
     `ways`-way episodes, refused where the true class would lose its plurality.
 
     Example:
-        >>> noisy_per_class(0.4, 5), noisy_per_class(0.2, 5), noisy_per_class(0.6, 5, "symmetric")
-        (2, 1, 3)
+        >>> noisy_per_class(0.4, 5, "pair", 5), noisy_per_class(0.6, 5, "symmetric", 5)
+        (2, 3)
     """
     if not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ValueError(f"a label-noise rate must be a number in [0, 1], got {rate!r}")
+    if ways < 2:
+        raise ValueError(f"label noise needs episodes of at least 2 ways, got {ways}")
     noisy = round(rate * shots)
     allowed = ", ".join(f"{r:g}" for r in allowed_rates(kind, shots, ways)) or "none"
     if abs(rate * shots - noisy) > 1e-9:

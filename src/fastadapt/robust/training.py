@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import Params, forward
+from ..functional.norm_relu_pool import under_vmap
 from .attacks import Attack, default_loss, fgsm
 
 __all__ = ["RobustTraining", "METHODS"]
@@ -78,7 +79,10 @@ class RobustTraining:
     # -- the pieces -------------------------------------------------------------------------------
     def generator(self, x: Tensor) -> torch.Generator:
         """The random-start stream for inputs `x`: from `seed` and `x`'s bytes (the same inputs, the
-        same stream)."""
+        same stream). Reads `x`'s values, so it runs task by task, not under `torch.func.vmap`."""
+        if under_vmap():
+            raise ValueError("robust training attacks task by task; it cannot run under torch.func.vmap "
+                             "(execution='vmap'): use execution='auto' or 'loop'")
         digest = zlib.crc32(x.detach().cpu().contiguous().numpy().tobytes())
         return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, digest]).integers(2**62)))
 
@@ -120,13 +124,17 @@ class RobustTraining:
             return {"support_hook": attacked, "query_hook": attacked}
         return {"query_term": trades}
 
-    def episode_loss(self, predict: Predict, x: Tensor, y: Tensor) -> Tensor:
+    def episode_loss(self, predict: Predict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The robust outer loss of one episode of a metric learner (Prototypical, Matching
-        Networks), whose query predictor is `predict` (the support set held inside it)."""
+        Networks), whose query predictor is `predict` (the support set held inside it), and the
+        outputs its cross-entropy term classified (detached: the attacked queries' for "aq", the
+        clean ones' for "trades", as the MAML family's metrics)."""
         if self.method == "aq":
-            return F.cross_entropy(predict(self.attacked(predict, x, y)), y)
+            outputs = predict(self.attacked(predict, x, y))
+            return F.cross_entropy(outputs, y), outputs.detach()
         if self.method == "trades":
-            return F.cross_entropy(predict(x), y) + self.trades_term(predict, x)
+            outputs = predict(x)
+            return F.cross_entropy(outputs, y) + self.trades_term(predict, x), outputs.detach()
         raise ValueError(f"robust training {self.method!r} attacks an inner loop's support set; metric learners "
                          "have none: use 'aq' or 'trades'")
 

@@ -152,6 +152,8 @@ class InnerKeys(_Section):
     inner_lr: float = Field(0.01, gt=0, description="inner learning rate")
     inner_optimizer: Literal["sgd", "momentum", "adam"] = Field("sgd", description="inner optimizer "
                                                                 "(MAML family, imaml, reptile)")
+    inner_trim: float = Field(0.0, ge=0, lt=1, description="MAML family: the inner loss leaves out this fraction "
+                              "of the support examples with the largest loss (noisy labels; 0: the plain loss)")
 
 
 class MamlPlusPlusKeys(_Section):
@@ -234,8 +236,6 @@ class RobustKeys(_Section):
     robust_norm: Literal["linf", "l2"] = Field("linf", description="the training attack's ball")
     robust_steps: int = Field(1, ge=1, description="pgd: steps of the training attack (fgsm: 1)")
     trades_beta: float = Field(6.0, ge=0, description="trades: weight of the KL term")
-    inner_trim: float = Field(0.0, ge=0, lt=1, description="MAML family: the inner loss leaves out this fraction "
-                              "of the support examples with the largest loss (noisy labels; 0: the plain loss)")
 
 
 SECTIONS: tuple[type[_Section], ...] = (RunKeys, DataKeys, ModelKeys, OuterKeys, InnerKeys, MamlPlusPlusKeys,
@@ -446,7 +446,7 @@ def _check_robust(config: Config) -> None:
         raise ConfigError(f"inner_trim trims the inner loss of the MAML family; {config.algorithm!r} has none of "
                           "its own (protonet: aggregation median, trimmed-mean or weighted)")
     others = {k: getattr(config, k) for k in RobustKeys.model_fields
-              if k not in ("robust_training", "inner_trim") and getattr(config, k) != RobustKeys.model_fields[k].default}
+              if k != "robust_training" and getattr(config, k) != RobustKeys.model_fields[k].default}
     if config.robust_training == "none":
         if others:
             raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in others.items())} set(s) the training attack, but "
@@ -461,6 +461,12 @@ def _check_robust(config: Config) -> None:
     if config.robust_attack == "fgsm" and (config.robust_steps != 1 or config.robust_norm != "linf"):
         raise ConfigError(f"robust_attack 'fgsm' is one L-inf step; got robust_steps={config.robust_steps}, "
                           f"robust_norm={config.robust_norm!r} (use robust_attack: pgd)")
+    if config.robust_attack == "pgd" and config.robust_steps == 1:
+        raise ConfigError("robust_attack 'pgd' with robust_steps 1 is FGSM from a random start; use robust_steps >= 2 "
+                          "(e.g. 7) or robust_attack: fgsm")
+    if config.algorithm in MAML_FAMILY and config.mamlpp_options()["per_step_bn_statistics"]:
+        raise ConfigError("robust_training with per_step_bn_statistics is not supported: per-step BatchNorm statistics "
+                          "take one batch per inner step, and the attack adds forward passes (per_step_bn_statistics: false)")
     if config.trades_beta != 6.0 and config.robust_training != "trades":
         raise ConfigError(f"trades_beta applies to robust_training 'trades', not {config.robust_training!r}")
 
