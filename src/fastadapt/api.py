@@ -24,12 +24,14 @@ from .data.sampler import DeviceTasks, TaskSource
 from .robust import Attack, NoisyLabels
 from .robust.corruptions import WHERE, check_corruption
 from .robust.evaluation import TARGETS
-from .training.evaluate import Estimate, evaluate_corrupted, evaluate_ensemble, evaluate_learner, evaluate_under_attack
-from .training.experiment import build_learner, test_source
+from .calibration import expected_calibration_error, fit_temperature, nll_scores, predictive_probs
+from .training.evaluate import (Estimate, collect_over_episodes, ensemble_samples, evaluate_calibration, evaluate_corrupted,
+                                evaluate_ensemble, evaluate_learner, evaluate_under_attack)
+from .training.experiment import build_learner, test_source, validation_source
 from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
 
-__all__ = ["train", "evaluate", "evaluate_robustness", "load", "resolve_config", "run_config", "default_run_dir"]
+__all__ = ["train", "evaluate", "calibrate", "evaluate_robustness", "load", "resolve_config", "run_config", "default_run_dir"]
 
 PathLike = str | os.PathLike[str]
 
@@ -104,7 +106,7 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
              ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None,
-             task_workers: int | None = None, dataset: str | None = None) -> dict[str, Any]:
+             task_workers: int | None = None, dataset: str | None = None, calibrated: bool = False) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
     `device` with `threads` torch threads and `task_workers` episode batches at once (default: the
     run's own; see `evaluate_learner`). With `ensemble=K`, the mean
@@ -115,8 +117,14 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     head has `ways` outputs; ProtoNet takes any). `imaml_lambda`: an iMAML run's proximal strength
     at test time (default: the run's `eval_imaml_lambda`, else its `imaml_lambda`; 0 is the authors'
     plain fine-tuning). `dataset`: test on another dataset's test split (cross-domain, e.g. an
-    Omniglot run on "mnist"; the inputs must have the shape the model takes). Writes
-    `RUN_DIR/evals/<...>.json` and returns it.
+    Omniglot run on "mnist"; the inputs must have the shape the model takes).
+
+    A classifier is scored on its predictive probabilities (the mean over a Bayesian learner's
+    samples or an ensemble's members): accuracy, NLL (`loss`), Brier, and the calibration errors
+    ECE, MCE and adaptive ECE (15 bins, pooled over all queries; `training.evaluate.evaluate_calibration`),
+    with the reliability diagram's bins. `calibrated=True` divides the logits by the temperature
+    `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps.
+    Writes `RUN_DIR/evals/<...>.json` and returns it.
 
     Example:
         >>> fastadapt.evaluate("runs/protonet-omniglot", shots=5, episodes=1000)["mean"]  # doctest: +SKIP
@@ -134,30 +142,108 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     checkpoints = _evaluated_checkpoints(run_dir, ensemble)
     learners = [_restored(config, tensors, source) for tensors, source in checkpoints]
     steps = inner_steps or config.effective_eval_inner_steps
+    adapts = config.algorithm not in ("protonet", "baseline", "matchingnet")
+    temperature = (_fitted_temperature(run_dir, config, ways, shots, queries, steps if adapts else None, ensemble)
+                   if calibrated else None)
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
+    extra: dict[str, Any] = {}
     with torch_threads(config.threads):  # the run's own thread count, as in training
-        estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
-                     else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
+        if config.task == "classification":
+            summary = evaluate_calibration(learners, tasks, episodes, inner_steps=steps,
+                                           temperature=1.0 if temperature is None else temperature["temperature"])
+            estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
+            extra = {"temperature": None if temperature is None else temperature["temperature"], **summary.extra}
+        else:
+            estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
+                         else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
     metric = "accuracy" if "accuracy" in estimates else "loss"
     imaml_test_lambda = config.effective_eval_imaml_lambda if config.algorithm == "imaml" else None
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
         "dataset": dataset or config.dataset, "trained_on": config.dataset, "ways": ways, "shots": shots, "queries": queries,
-        "inner_steps": None if config.algorithm in ("protonet", "baseline", "matchingnet") else steps,
+        "inner_steps": steps if adapts else None,
         **({"imaml_lambda": imaml_test_lambda} if imaml_test_lambda is not None else {}),
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
         "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
-        "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()},
+        "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}, **extra,
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
     top = f"-top{ensemble}" if ensemble > 1 else ""
     other_lambda = (f"-lambda{imaml_test_lambda:g}" if imaml_test_lambda is not None
                     and imaml_test_lambda != config.imaml_lambda else "")
     tag = (f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
-           f"-{episodes}ep{top}")
+           f"-{episodes}ep{top}{'-calibrated' if calibrated else ''}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
+
+
+def calibrate(run_dir: PathLike, *, episodes: int = 500, ways: int | None = None, shots: int | None = None,
+              queries: int | None = None, inner_steps: int | None = None, ensemble: int = 1, device: str | None = None,
+              threads: int | None = None) -> dict[str, Any]:
+    """Fits the temperature of a trained classification run (its best checkpoint, or the mean of its
+    `ensemble` best) on `episodes` validation episodes, never on test ones, at the run's ways /
+    shots / queries / evaluation inner steps or those given, and stores it in
+    `RUN_DIR/calibration/temperature-<setting>.json` with the validation NLL and ECE before and
+    after; `evaluate(..., calibrated=True)` at the same setting applies it. The run needs a
+    validation split (`validation_characters` > 0 on Omniglot).
+
+    Example:
+        >>> fastadapt.calibrate("runs/maml-omniglot")["temperature"]  # doctest: +SKIP
+        1.6...
+    """
+    run_dir = Path(run_dir)
+    config = _evaluation_config(run_dir, episodes, device=device, threads=threads)
+    if config.task != "classification":
+        raise ConfigError(f"temperature scaling calibrates class probabilities; {run_dir} is a {config.task} run")
+    _check_ways(config, ways)
+    if ensemble < 1:
+        raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
+    learners = [_restored(config, tensors, source) for tensors, source in _evaluated_checkpoints(run_dir, ensemble)]
+    adapts = config.algorithm not in ("protonet", "baseline", "matchingnet")
+    steps = inner_steps or config.effective_eval_inner_steps
+    tasks = validation_source(config, ways, shots, queries)
+    with torch_threads(config.threads):
+        collected = collect_over_episodes(
+            lambda batch, start: {"samples": ensemble_samples(learners, batch, steps), "labels": batch.query_y},
+            tasks, episodes, 32, learners)
+    samples = collected["samples"].flatten(0, 1).cpu().double()
+    labels = collected["labels"].flatten().cpu()
+    temperature = fit_temperature(samples, labels)
+    before, after = predictive_probs(samples), predictive_probs(samples, temperature)
+    ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
+    result = {
+        "temperature": temperature, "split": "validation", "episodes": episodes, "eval_seed": config.eval_seed,
+        "ways": ways, "shots": shots, "queries": queries, "inner_steps": steps if adapts else None,
+        "ensemble": ensemble, "validation": {
+            "nll_before": float(nll_scores(before, labels).mean()), "nll_after": float(nll_scores(after, labels).mean()),
+            "ece_before": float(expected_calibration_error(before, labels)),
+            "ece_after": float(expected_calibration_error(after, labels))},
+    }
+    write_json(_temperature_path(run_dir, ways, shots, queries, result["inner_steps"], ensemble), result)
+    return result
+
+
+def _temperature_path(run_dir: Path, ways: int, shots: int, queries: int, steps: int | None, ensemble: int) -> Path:
+    top = f"-top{ensemble}" if ensemble > 1 else ""
+    return run_dir / "calibration" / f"temperature-{ways}w{shots}s-{queries}q-{steps or 0}steps{top}.json"
+
+
+def _fitted_temperature(run_dir: Path, config: Config, ways: int | None, shots: int | None, queries: int | None,
+                        steps: int | None, ensemble: int) -> dict[str, Any]:
+    """The temperature `calibrate` stored for this setting, or a ConfigError naming the command."""
+    ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
+    path = _temperature_path(run_dir, ways, shots, queries, steps, ensemble)
+    if not path.is_file():
+        flags = "".join(f" --{name} {value}" for name, value, own in (
+            ("ways", ways, config.ways), ("shots", shots, config.shots), ("queries", queries, config.eval_queries),
+            ("inner-steps", steps, config.effective_eval_inner_steps), ("ensemble", ensemble, 1))
+            if value is not None and value != own)
+        raise ConfigError(f"no temperature was fitted for {run_dir} at {ways}-way {shots}-shot, {queries} queries"
+                          f"{f', {steps} inner steps' if steps else ''}{f', ensemble of {ensemble}' if ensemble > 1 else ''}"
+                          f" ({path} is missing): fit one on validation episodes first with "
+                          f"`fastadapt calibrate {run_dir}{flags}`")
+    return read_json(path)
 
 
 def evaluate_robustness(run_dir: PathLike, *, attack: Attack | None = None, eps: Sequence[float] = (),

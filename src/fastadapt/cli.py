@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from . import __version__
-from .api import default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
+from .api import calibrate, default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
 from .robust import CORRUPTIONS, NOISE_KINDS, SEVERITIES, fgsm, noisy_per_class, pgd
 from .robust.label_noise import allowed_rates
 from .robust.corruptions import WHERE
@@ -113,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=_flag_type("eval_episodes"), default=1000, help="test episodes (default 1000)")
     _add_key_flag(ev, "dataset", "test on this dataset's test split instead (cross-domain; omniglot, mnist, "
                   "mini-imagenet, folder:PATH); its inputs must have the model's shape")
-    for key in ("ways", "shots"):
-        _add_key_flag(ev, key, f"{Config.model_fields[key].description} (default: the run's)")
-    ev.add_argument("--queries", type=_flag_type("eval_queries"), help="query examples per class (default: the run's)")
+    _add_episode_flags(ev)
     ev.add_argument("--inner-steps", type=_flag_type("inner_steps"), nargs="+", help="one or more inner step counts")
     for key in ("device", "threads", "task_workers"):
         _add_key_flag(ev, key, f"{Config.model_fields[key].description} (default: the run's)")
@@ -125,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ensemble", type=_flag_type("keep_best"), default=1, metavar="K",
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
+    ev.add_argument("--calibrated", action="store_true",
+                    help="classification: divide the logits by the temperature `fastadapt calibrate` fitted on "
+                         "validation episodes at the same setting")
+
+    cal = commands.add_parser("calibrate", help="fit a classification run's temperature on validation episodes",
+                              description="Fit the temperature of a trained classification run on validation episodes "
+                              "(never test ones) and store it in RUN_DIR/calibration/; `fastadapt eval --calibrated` "
+                              "at the same ways / shots / queries / inner steps applies it. The run needs a validation "
+                              "split (validation_characters > 0 on omniglot).")
+    cal.add_argument("run_dir", type=Path)
+    cal.add_argument("--episodes", type=_flag_type("eval_episodes"), default=500,
+                     help="validation episodes (default 500)")
+    _add_episode_flags(cal)
+    cal.add_argument("--inner-steps", type=_flag_type("inner_steps"), help="inner steps (default: the run's evaluation's)")
+    cal.add_argument("--ensemble", type=_flag_type("keep_best"), default=1, metavar="K",
+                     help="the mean of the run's K best validated checkpoints (default 1)")
+    for key in ("device", "threads"):
+        _add_key_flag(cal, key, f"{Config.model_fields[key].description} (default: the run's)")
 
     rob = commands.add_parser("robustness", help="a trained run under attack, label noise or corruption",
                               description="Evaluate a trained classification run on fixed test episodes, clean and "
@@ -234,7 +250,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
                               threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers,
-                              dataset=args.dataset)
+                              dataset=args.dataset, calibrated=args.calibrated)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner step{'s' if result['inner_steps'] != 1 else ''}" if result["inner_steps"] else "") + (
@@ -243,6 +259,17 @@ def _dispatch(args: argparse.Namespace) -> None:
             where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
             print(f"{label}{where}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")
+            if "ece" in result["metrics"]:
+                scaled = f", temperature {result['temperature']:.3f}" if result.get("temperature") else ""
+                print("  calibration" + scaled + ": " + ", ".join(
+                    f"{name} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"
+                    for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
+    elif args.command == "calibrate":
+        fitted = calibrate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
+                           inner_steps=args.inner_steps, ensemble=args.ensemble, device=args.device, threads=args.threads)
+        v = fitted["validation"]
+        print(f"temperature {fitted['temperature']:.4f} fitted on {fitted['episodes']} validation episodes: "
+              f"NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}")
     elif args.command == "robustness":
         _robustness(args)
     elif args.command == "report":
@@ -250,6 +277,13 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         files = write_report(args.run_dirs, args.out)
         print(f"report written to {args.out}: " + ", ".join(str(p.name) for p in files.paths))
+
+
+def _add_episode_flags(parser: argparse.ArgumentParser) -> None:
+    """--ways, --shots and --queries of the episodes a command evaluates on (default: the run's)."""
+    for key in ("ways", "shots"):
+        _add_key_flag(parser, key, f"{Config.model_fields[key].description} (default: the run's)")
+    parser.add_argument("--queries", type=_flag_type("eval_queries"), help="query examples per class (default: the run's)")
 
 
 def _radius(text: str) -> float:

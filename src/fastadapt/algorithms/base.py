@@ -6,7 +6,7 @@ Trainer, evaluation (and robustness, calibration) talk to a `Learner` alone:
   depositing the meta-gradient; runs the module in the learner's mode (train mode unless you
   called `learner.eval()`, as for any `nn.Module`);
 - `adapt(support_x, support_y) -> predictor`: an `nn.Module` predicting for that task;
-- `query_outputs(batch)` and `task_metrics(batch)`: evaluation, in eval mode (Dropout off,
+- `query_outputs(batch)`, `query_samples(batch)` and `task_metrics(batch)`: evaluation, in eval mode (Dropout off,
   BatchNorm with running statistics reads them and never updates them), with no outer graph, and
   never writing into the module's parameters or buffers; the module's modes are restored after.
 
@@ -151,6 +151,18 @@ class Learner(nn.Module, metaclass=abc.ABCMeta):
         eval mode, no outer graph, nothing written into the module (what ensembles average)."""
         with self.evaluation():
             return self._query_outputs(batch, inner_steps)
+
+    def _query_samples(self, batch: TaskBatch, inner_steps: int | None) -> Tensor:
+        """Samples of every task's query outputs `(T, queries, samples, outputs)`: one, the outputs,
+        unless the learner predicts by sampling (Bayesian learners, particles)."""
+        return self._query_outputs(batch, inner_steps).unsqueeze(2)
+
+    def query_samples(self, batch: TaskBatch, inner_steps: int | None = None) -> Tensor:
+        """Every task's query outputs as samples of the learner's predictive distribution,
+        `(T, queries, samples, outputs)` (one sample for a deterministic learner), in evaluation as
+        `query_outputs`: calibration averages the samples' probabilities."""
+        with self.evaluation():
+            return self._query_samples(batch, inner_steps)
 
     def task_metrics(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task metrics after adaptation, `(T,)` tensors (`loss`, `accuracy` for

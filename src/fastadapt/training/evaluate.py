@@ -12,13 +12,15 @@ from torch import Tensor
 
 from ..algorithms.base import Learner
 from ..algorithms.objectives import task_metrics
+from ..calibration import Summary, classification_summary, predictive_probs
+from ..calibration.summary import RESAMPLES
 from ..functional.task_batched import thread_safe_forward
 from ..data.episodes import TaskBatch
 from ..data.sampler import TaskSource
 from ..robust import Attack, attacked_task_metrics, corrupted_batch
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_under_attack", "evaluate_corrupted",
+__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_calibration", "collect_over_episodes", "evaluate_under_attack", "evaluate_corrupted",
            "estimate_over_episodes"]
 
 
@@ -74,10 +76,11 @@ def evaluate_learner(learner: Learner, source: TaskSource, episodes: int = 1000,
 
 def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
                       inner_steps: int | None = None) -> dict[str, Estimate]:
-    """Like `evaluate_learner`, for the mean of several learners' query outputs: each adapts to an
-    episode on its own, their outputs (logits, or regression values) are averaged, and the
-    per-episode `loss` (and `accuracy`) is measured on the mean. MAML++ (Antoniou et al. 2019)
-    reports the ensemble of its five best validation checkpoints this way.
+    """Like `evaluate_learner`, for the predictive mean of several learners: each adapts to an
+    episode on its own; a classifier's members' probabilities are averaged (a deep ensemble's
+    predictive distribution; with Bayesian members, every sample of every member counts once), a
+    regressor's outputs; the per-episode `loss` (and `accuracy`) is measured on that mean. MAML++
+    (Antoniou et al. 2019) reports the ensemble of its five best validation checkpoints this way.
 
     Example:
         >>> from fastadapt import MAML, SinusoidTasks
@@ -86,19 +89,58 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
         >>> sorted(evaluate_ensemble(pair, SinusoidTasks(seed=1), episodes=8))
         ['loss']
     """
+    kind = ensemble_kind(learners)
+
+    def metrics(batch: TaskBatch, start: int) -> dict[str, Tensor]:
+        if kind == "classification":
+            mean = predictive_probs(ensemble_samples(learners, batch, inner_steps)).log().float()
+        else:
+            mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
+        rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+    return estimate_over_episodes(metrics, source, episodes, batch_size, learners)
+
+
+def ensemble_kind(learners: Sequence[Learner]) -> str:
+    """The one kind of task every learner of an ensemble solves (refused if none or several)."""
     if not learners:
         raise ValueError("an ensemble needs at least one learner")
     kinds = {learner.task for learner in learners}
     if len(kinds) != 1:
         raise ValueError(f"an ensemble's learners must solve one kind of task, got {sorted(kinds)}")
-    kind = kinds.pop()
+    return kinds.pop()
 
-    def metrics(batch: TaskBatch, start: int) -> dict[str, Tensor]:
-        mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
-        rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
-        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
-    return estimate_over_episodes(metrics, source, episodes, batch_size, learners)
+def ensemble_samples(learners: Sequence[Learner], batch: TaskBatch, inner_steps: int | None) -> Tensor:
+    """Every learner's query samples `(T, queries, samples, outputs)`, concatenated over samples."""
+    return torch.cat([learner.query_samples(batch, inner_steps=inner_steps) for learner in learners], 2)
+
+
+def evaluate_calibration(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
+                         inner_steps: int | None = None, temperature: float = 1.0, resamples: int = RESAMPLES
+                         ) -> Summary:
+    """Accuracy, NLL (`loss`), Brier, ECE, MCE and adaptive ECE (`calibration.classification_summary`:
+    binned errors pooled over every query, their intervals bootstrapped over episodes) of the
+    predictive distribution of a classifier, or the mean of several (`evaluate_ensemble`), on test
+    episodes 0..episodes-1 of `source`; every sample's logits divided by `temperature` first.
+
+    Example:
+        >>> from fastadapt import ProtoNet, EpisodeSampler
+        >>> from fastadapt.data import ImageClassDataset
+        >>> from fastadapt.nn import Conv4
+        >>> data = ImageClassDataset(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) // 4)
+        >>> summary = evaluate_calibration([ProtoNet(Conv4.omniglot(ways=None))], EpisodeSampler(data, 5, 1, 2), 4)
+        >>> sorted(summary.estimates)
+        ['accuracy', 'adaptive_ece', 'brier', 'ece', 'loss', 'mce']
+    """
+    if ensemble_kind(learners) != "classification":
+        raise ValueError("calibration of class probabilities needs classifiers; regression learners with a Gaussian "
+                         "output are measured by evaluate_regression_calibration")
+    collected = collect_over_episodes(
+        lambda batch, start: {"probs": predictive_probs(ensemble_samples(learners, batch, inner_steps), temperature),
+                              "labels": batch.query_y.cpu()}, source, episodes, batch_size, learners)
+    return classification_summary(collected["probs"].cpu(), collected["labels"], resamples=resamples, seed=source.seed)
 
 
 def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,
@@ -154,8 +196,17 @@ def _workers(learners: Sequence[Learner]) -> int:
 def estimate_over_episodes(metrics: Callable[[TaskBatch, int], dict[str, Tensor]], source: TaskSource, episodes: int,
                            batch_size: int, learners: Sequence[Learner]) -> dict[str, Estimate]:
     """`metrics(batch, start)` (per-task `(T,)` tensors of episodes `start, start + 1, ...`) over test
-    episodes 0..episodes-1 of `source`, `batch_size` at a time (`_workers` batches at once, `runtime.map_in_threads`), as a mean and 95% interval each.
-    The learners' eval mode is entered here, in the calling thread, before any worker starts."""
+    episodes 0..episodes-1 of `source` (`collect_over_episodes`), as a mean and 95% interval each."""
+    return {name: mean_ci95(values) for name, values in
+            collect_over_episodes(metrics, source, episodes, batch_size, learners).items()}
+
+
+def collect_over_episodes(metrics: Callable[[TaskBatch, int], dict[str, Tensor]], source: TaskSource, episodes: int,
+                          batch_size: int, learners: Sequence[Learner]) -> dict[str, Tensor]:
+    """`metrics(batch, start)` (tensors with one row per task of episodes `start, start + 1, ...`)
+    over test episodes 0..episodes-1 of `source`, `batch_size` at a time (`_workers` batches at
+    once, `runtime.map_in_threads`), concatenated in episode order. The learners' eval mode is
+    entered here, in the calling thread, before any worker starts."""
     starts = list(range(0, episodes, batch_size))
     collected: dict[str, list[Tensor]] = {}
     with contextlib.ExitStack() as stack:
@@ -166,4 +217,4 @@ def estimate_over_episodes(metrics: Callable[[TaskBatch, int], dict[str, Tensor]
                 starts, _workers(learners)):
             for name, value in batch_metrics.items():
                 collected.setdefault(name, []).append(value)
-    return {name: mean_ci95(torch.cat(values)) for name, values in collected.items()}
+    return {name: torch.cat(values) for name, values in collected.items()}

@@ -16,7 +16,7 @@ from ..data.registry import dataset_info, dataset_splits, get_tasksets
 from ..nn import MLP, Conv4, ResNet12
 from .config import Config, ConfigError
 
-__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "baseline_classes", "input_shape",
+__all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "validation_source", "baseline_classes", "input_shape",
            "resolve_device"]
 
 _GRADIENT_LEARNERS = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "maml++": MAMLPlusPlus}
@@ -146,6 +146,26 @@ def test_source(config: Config, ways: int | None = None, shots: int | None = Non
         return _placed(config, get_tasksets(config.dataset, ways, shots, queries, eval_seed=config.eval_seed).test)
     splits = splits or dataset_splits(config.dataset, config.data_options())
     return _placed(config, EpisodeSampler(splits["test"], ways, shots, queries, seed=config.eval_seed))
+
+
+def validation_source(config: Config, ways: int | None = None, shots: int | None = None,
+                      queries: int | None = None) -> TaskSource:
+    """The run's validation episodes (seeded by `eval_seed`), optionally at other ways / shots /
+    queries: what is fitted after training (a temperature) is fitted here, never on test episodes.
+    Refused, naming the key to set, where the run's dataset has no validation split."""
+    ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
+    if config.task == "regression":
+        validation = get_tasksets(config.dataset, ways, shots, queries, eval_seed=config.eval_seed).validation
+        if validation is None:
+            raise ConfigError(f"dataset {config.dataset!r} has no validation tasks")
+        return _placed(config, validation)
+    splits = dataset_splits(config.dataset, config.data_options())
+    if "validation" not in splits:
+        raise ConfigError(f"this run has no validation split: {config.dataset!r} was read with "
+                          f"validation_characters: {config.validation_characters}. What is fitted after training is "
+                          "fitted on validation episodes, never on test ones: train with validation_characters > 0 "
+                          "(e.g. 100: the classes, on omniglot the characters, carved out of meta-training)")
+    return _placed(config, EpisodeSampler(splits["validation"], ways, shots, queries, seed=config.eval_seed))
 
 
 def _check_cross_domain(config: Config, dataset: str) -> None:

@@ -3,7 +3,8 @@
 A run directory holds `config.json`, `metrics.csv`, `results.json` once the run finished, and
 `evals/*.json` from later `fastadapt eval` calls. `write_report` reads and checks every run first,
 then writes `learning_curves.png`, `accuracy_vs_inner_steps.png`, `accuracy_vs_shots.png`,
-`robustness.png` (when a run holds `robustness/*.json` from `fastadapt robustness`) and `report.md`
+`robustness.png` (when a run holds `robustness/*.json` from `fastadapt robustness`),
+`reliability.png` (when a run holds classification evaluations, which record calibration) and `report.md`
 into the output folder, each file atomically. Plotting needs matplotlib (the `report`
 extra); importing this module does not.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..io import atomic_path
+from .calibration_report import CalibrationResult, calibration_table, plot_reliability, read_calibration
 from .robustness_report import RobustnessResult, plot_robustness, read_robustness, robustness_table
 from .trainer import METRIC_COLUMNS
 
@@ -67,12 +69,13 @@ class ReportFiles:
     accuracy_vs_inner_steps: Path
     accuracy_vs_shots: Path
     robustness: Path | None = None  # written when a run holds robustness results
+    reliability: Path | None = None  # written when a run holds classification evaluations with reliability bins
 
     @property
     def paths(self) -> tuple[Path, ...]:
         """Every file written, the Markdown report first."""
         written = (self.markdown, self.learning_curves, self.accuracy_vs_inner_steps, self.accuracy_vs_shots)
-        return written + ((self.robustness,) if self.robustness is not None else ())
+        return written + tuple(p for p in (self.robustness, self.reliability) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class RunData:
     results: dict[str, Any] | None
     evals: tuple[EvalPoint, ...] = field(default=())
     robustness: tuple[RobustnessResult, ...] = field(default=())
+    calibration: tuple[CalibrationResult, ...] = field(default=())
 
     @property
     def finished(self) -> bool:
@@ -273,7 +277,7 @@ def load_run(path: Path) -> RunData:
     evals = tuple(_read_eval(p) for p in sorted((path / "evals").glob("*.json")))
     name = str(config.get("name") or path.resolve().name)
     return RunData(path=path, name=name, config=config, rows=rows, results=results, evals=evals,
-                   robustness=tuple(read_robustness(path, name)))
+                   robustness=tuple(read_robustness(path, name)), calibration=tuple(read_calibration(path, name)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +528,9 @@ def markdown_report(runs: Sequence[RunData], images: Sequence[tuple[str, str]] =
     robustness = robustness_table([result for run in runs for result in run.robustness])
     if robustness:
         lines += ["", *robustness]
+    calibration = calibration_table([result for run in runs for result in run.calibration])
+    if calibration:
+        lines += ["", *calibration]
     if images:
         lines += ["", "## Plots", ""]
         for title, file in images:
@@ -577,6 +584,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> ReportFiles:
     if plot_robustness([result for run in runs for result in run.robustness], out_dir / "robustness.png"):
         files = dataclasses.replace(files, robustness=out_dir / "robustness.png")
         images.append(("robustness", "robustness.png"))
+    if plot_reliability([result for run in runs for result in run.calibration], out_dir / "reliability.png"):
+        files = dataclasses.replace(files, reliability=out_dir / "reliability.png")
+        images.append(("reliability diagrams", "reliability.png"))
     with atomic_path(files.markdown) as tmp:
         tmp.write_text(markdown_report(runs, images))
     return files
