@@ -279,3 +279,23 @@ def test_report_draws_reliability_diagrams_and_tabulates_calibration(run, tmp_pa
             write_report([run], tmp_path / "report2")
     finally:
         (run / "evals" / "broken.json").unlink()
+
+
+def test_a_deep_ensemble_of_runs_averages_their_probabilities(run, tmp_path, monkeypatch):
+    from fastadapt.training.evaluate import evaluate_calibration
+    from fastadapt.training.experiment import test_source
+
+    monkeypatch.setenv("FASTADAPT_CACHE", str(tmp_path / "cache"))
+    config = fastadapt.api.run_config(run)
+    other = tmp_path / "seed1"
+    fastadapt.train({**config.to_dict(), "seed": 1}, other, progress=False)
+    result = fastadapt.evaluate(run, episodes=6, members=[other])
+    assert result["members"] == [str(other)]
+    by_hand = evaluate_calibration([fastadapt.load(run), fastadapt.load(other)], test_source(config), 6)
+    assert result["metrics"]["loss"]["mean"] == pytest.approx(by_hand.estimates["loss"][0], rel=1e-12)
+    single = fastadapt.evaluate(run, episodes=6)
+    assert result["metrics"]["loss"]["mean"] != single["metrics"]["loss"]["mean"]
+    regression = tmp_path / "regression"
+    fastadapt.train({"iterations": 2, "eval_episodes": 2, "meta_batch": 2, "threads": 1}, regression, progress=False)
+    with pytest.raises(ConfigError, match=r"ensemble member .*regression differs from the run in algorithm, dataset, backbone, ways"):
+        fastadapt.evaluate(run, episodes=4, members=[regression])

@@ -9,18 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 import pytest
 
-import fastadapt
 from fastadapt import MAML, MatchingNet, ProtoNet
 from fastadapt.data import EpisodeSampler
 from fastadapt.data.episodes import TaskBatch
 from fastadapt.functional import forward
 from fastadapt.nn import Conv4
 from fastadapt.robust import RobustTraining, fgsm, pgd
-from fastadapt.training.checkpoint import load_checkpoint, step_name
 from fastadapt.training.config import Config, ConfigError
 from fastadapt.training.evaluate import evaluate_under_attack
 from fastadapt.training.experiment import build_learner
 
+from resume_helpers import assert_repeats_and_resumes_exactly
 from test_robust import _bands
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,20 +178,7 @@ def test_a_robust_run_repeats_and_resumes_exactly(tmp_path):
     config = {"algorithm": "maml", "dataset": "bands-robust", "backbone": "conv4", "ways": 5, "shots": 1, "queries": 2,
               "eval_queries": 3, "meta_batch": 2, "iterations": 6, "checkpoint_every": 3, "log_every": 1,
               "eval_episodes": 4, "threads": 1, "inner_lr": 0.4, "robust_training": "adml"}
-    whole = fastadapt.train(config, tmp_path / "whole", progress=False)
-    again = fastadapt.train(config, tmp_path / "again", progress=False)
-    assert whole["mean"] == again["mean"]
-    cut = tmp_path / "cut"
-    fastadapt.train(config, cut, progress=False)
-    for f in (cut / "checkpoints").iterdir():
-        if not f.name.startswith(step_name(3)):
-            f.unlink()
-    (cut / "results.json").unlink()
-    resumed = fastadapt.train(out=cut, resume=True, progress=False)
-    assert resumed["mean"] == whole["mean"]
-    a, _ = load_checkpoint(tmp_path / "whole" / "checkpoints" / f"{step_name(6)}.json")
-    b, _ = load_checkpoint(cut / "checkpoints" / f"{step_name(6)}.json")
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("learner."))
+    assert_repeats_and_resumes_exactly(config, tmp_path, cut_at=3)
 
 
 def test_a_trimmed_inner_loss_drops_the_worst_support_examples_on_every_path(float64):

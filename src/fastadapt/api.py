@@ -106,7 +106,8 @@ def train(config: Config | Mapping[str, Any] | PathLike | None = None, out: Path
 def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None, shots: int | None = None,
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
              ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None,
-             task_workers: int | None = None, dataset: str | None = None, calibrated: bool = False) -> dict[str, Any]:
+             task_workers: int | None = None, dataset: str | None = None, calibrated: bool = False,
+             members: Sequence[PathLike] = ()) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
     `device` with `threads` torch threads and `task_workers` episode batches at once (default: the
     run's own; see `evaluate_learner`). With `ensemble=K`, the mean
@@ -124,6 +125,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     ECE, MCE and adaptive ECE (15 bins, pooled over all queries; `training.evaluate.evaluate_calibration`),
     with the reliability diagram's bins. `calibrated=True` divides the logits by the temperature
     `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps.
+    `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
+    ensemble of this run and them, their probabilities averaged (each member's best checkpoint).
     Writes `RUN_DIR/evals/<...>.json` and returns it.
 
     Example:
@@ -141,10 +144,11 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
     checkpoints = _evaluated_checkpoints(run_dir, ensemble)
     learners = [_restored(config, tensors, source) for tensors, source in checkpoints]
+    learners += _member_learners(config, members, device=device, threads=threads)
     steps = inner_steps or config.effective_eval_inner_steps
     adapts = config.algorithm not in ("protonet", "baseline", "matchingnet")
-    temperature = (_fitted_temperature(run_dir, config, ways, shots, queries, steps if adapts else None, ensemble)
-                   if calibrated else None)
+    temperature = (_fitted_temperature(run_dir, config, ways, shots, queries, steps if adapts else None, ensemble,
+                                       members) if calibrated else None)
     tasks = test_source(config, ways, shots, queries, dataset=dataset)
     extra: dict[str, Any] = {}
     with torch_threads(config.threads):  # the run's own thread count, as in training
@@ -154,7 +158,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
             estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
             extra = {"temperature": None if temperature is None else temperature["temperature"], **summary.extra}
         else:
-            estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if ensemble == 1
+            estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if len(learners) == 1
                          else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
     metric = "accuracy" if "accuracy" in estimates else "loss"
     imaml_test_lambda = config.effective_eval_imaml_lambda if config.algorithm == "imaml" else None
@@ -166,6 +170,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         "episodes": episodes, "metric": metric if metric == "accuracy" else "mse", "device": config.device,
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
         "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
+        **({"members": [str(m) for m in members]} if members else {}),
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}, **extra,
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
@@ -173,20 +178,20 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     other_lambda = (f"-lambda{imaml_test_lambda:g}" if imaml_test_lambda is not None
                     and imaml_test_lambda != config.imaml_lambda else "")
     tag = (f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
-           f"-{episodes}ep{top}{'-calibrated' if calibrated else ''}")
+           f"-{episodes}ep{top}{_members_tag(members)}{'-calibrated' if calibrated else ''}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
 
 
 def calibrate(run_dir: PathLike, *, episodes: int = 500, ways: int | None = None, shots: int | None = None,
               queries: int | None = None, inner_steps: int | None = None, ensemble: int = 1, device: str | None = None,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, members: Sequence[PathLike] = ()) -> dict[str, Any]:
     """Fits the temperature of a trained classification run (its best checkpoint, or the mean of its
     `ensemble` best) on `episodes` validation episodes, never on test ones, at the run's ways /
     shots / queries / evaluation inner steps or those given, and stores it in
     `RUN_DIR/calibration/temperature-<setting>.json` with the validation NLL and ECE before and
     after; `evaluate(..., calibrated=True)` at the same setting applies it. The run needs a
-    validation split (`validation_characters` > 0 on Omniglot).
+    validation split (`validation_characters` > 0 on Omniglot). `members`: as in `evaluate`.
 
     Example:
         >>> fastadapt.calibrate("runs/maml-omniglot")["temperature"]  # doctest: +SKIP
@@ -200,6 +205,7 @@ def calibrate(run_dir: PathLike, *, episodes: int = 500, ways: int | None = None
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
     learners = [_restored(config, tensors, source) for tensors, source in _evaluated_checkpoints(run_dir, ensemble)]
+    learners += _member_learners(config, members, device=device, threads=threads)
     adapts = config.algorithm not in ("protonet", "baseline", "matchingnet")
     steps = inner_steps or config.effective_eval_inner_steps
     tasks = validation_source(config, ways, shots, queries)
@@ -215,30 +221,54 @@ def calibrate(run_dir: PathLike, *, episodes: int = 500, ways: int | None = None
     result = {
         "temperature": temperature, "split": "validation", "episodes": episodes, "eval_seed": config.eval_seed,
         "ways": ways, "shots": shots, "queries": queries, "inner_steps": steps if adapts else None,
-        "ensemble": ensemble, "validation": {
+        "ensemble": ensemble, **({"members": [str(m) for m in members]} if members else {}), "validation": {
             "nll_before": float(nll_scores(before, labels).mean()), "nll_after": float(nll_scores(after, labels).mean()),
             "ece_before": float(expected_calibration_error(before, labels)),
             "ece_after": float(expected_calibration_error(after, labels))},
     }
-    write_json(_temperature_path(run_dir, ways, shots, queries, result["inner_steps"], ensemble), result)
+    write_json(_temperature_path(run_dir, ways, shots, queries, result["inner_steps"], ensemble, members), result)
     return result
 
 
-def _temperature_path(run_dir: Path, ways: int, shots: int, queries: int, steps: int | None, ensemble: int) -> Path:
+def _member_learners(config: Config, members: Sequence[PathLike], **execution: Any) -> list[Learner]:
+    """The best-checkpoint learners of other runs joining `config`'s run in a deep ensemble;
+    refused, naming the key, where one differs in what an ensemble needs to share."""
+    learners = []
+    for member in members:
+        theirs = _evaluation_config(Path(member), **execution)
+        differ = [k for k in ("algorithm", "dataset", "backbone", "ways", "image_size", "channels")
+                  if getattr(theirs, k) != getattr(config, k)]
+        if differ:
+            raise ConfigError(f"ensemble member {member} differs from the run in {', '.join(differ)} "
+                              f"({', '.join(f'{k}: {getattr(theirs, k)!r} vs {getattr(config, k)!r}' for k in differ)}); "
+                              "members must share the algorithm, dataset, backbone and ways (other seeds)")
+        learners.append(_restored(theirs, *_evaluated_checkpoints(Path(member), 1)[0]))
+    return learners
+
+
+def _members_tag(members: Sequence[PathLike]) -> str:
+    """`-members<K>-<digest of their paths>` in file names of deep-ensemble results ('' without)."""
+    if not members:
+        return ""
+    return f"-members{len(members)}-{hashlib.sha1(json.dumps([str(m) for m in members]).encode()).hexdigest()[:6]}"
+
+
+def _temperature_path(run_dir: Path, ways: int, shots: int, queries: int, steps: int | None, ensemble: int,
+                      members: Sequence[PathLike] = ()) -> Path:
     top = f"-top{ensemble}" if ensemble > 1 else ""
-    return run_dir / "calibration" / f"temperature-{ways}w{shots}s-{queries}q-{steps or 0}steps{top}.json"
+    return run_dir / "calibration" / f"temperature-{ways}w{shots}s-{queries}q-{steps or 0}steps{top}{_members_tag(members)}.json"
 
 
 def _fitted_temperature(run_dir: Path, config: Config, ways: int | None, shots: int | None, queries: int | None,
-                        steps: int | None, ensemble: int) -> dict[str, Any]:
+                        steps: int | None, ensemble: int, members: Sequence[PathLike] = ()) -> dict[str, Any]:
     """The temperature `calibrate` stored for this setting, or a ConfigError naming the command."""
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
-    path = _temperature_path(run_dir, ways, shots, queries, steps, ensemble)
+    path = _temperature_path(run_dir, ways, shots, queries, steps, ensemble, members)
     if not path.is_file():
         flags = "".join(f" --{name} {value}" for name, value, own in (
             ("ways", ways, config.ways), ("shots", shots, config.shots), ("queries", queries, config.eval_queries),
             ("inner-steps", steps, config.effective_eval_inner_steps), ("ensemble", ensemble, 1))
-            if value is not None and value != own)
+            if value is not None and value != own) + "".join(f" --members {' '.join(map(str, members))}" if members else "")
         raise ConfigError(f"no temperature was fitted for {run_dir} at {ways}-way {shots}-shot, {queries} queries"
                           f"{f', {steps} inner steps' if steps else ''}{f', ensemble of {ensemble}' if ensemble > 1 else ''}"
                           f" ({path} is missing): fit one on validation episodes first with "

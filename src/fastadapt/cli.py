@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ensemble", type=_flag_type("keep_best"), default=1, metavar="K",
                     help="average the outputs of the run's K best validated checkpoints (MAML++'s protocol: 5; "
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
+    ev.add_argument("--members", type=Path, nargs="+", default=[], metavar="RUN",
+                    help="other runs (other seeds) forming a deep ensemble with RUN_DIR: probabilities averaged")
     ev.add_argument("--calibrated", action="store_true",
                     help="classification: divide the logits by the temperature `fastadapt calibrate` fitted on "
                          "validation episodes at the same setting")
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--inner-steps", type=_flag_type("inner_steps"), help="inner steps (default: the run's evaluation's)")
     cal.add_argument("--ensemble", type=_flag_type("keep_best"), default=1, metavar="K",
                      help="the mean of the run's K best validated checkpoints (default 1)")
+    cal.add_argument("--members", type=Path, nargs="+", default=[], metavar="RUN",
+                     help="other runs forming a deep ensemble with RUN_DIR (as in eval)")
     for key in ("device", "threads"):
         _add_key_flag(cal, key, f"{Config.model_fields[key].description} (default: the run's)")
 
@@ -250,12 +254,13 @@ def _dispatch(args: argparse.Namespace) -> None:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
                               threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers,
-                              dataset=args.dataset, calibrated=args.calibrated)
+                              dataset=args.dataset, calibrated=args.calibrated, members=args.members)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner step{'s' if result['inner_steps'] != 1 else ''}" if result["inner_steps"] else "") + (
                 f", lambda {result['imaml_lambda']:g}" if "imaml_lambda" in result else "") + (
-                f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "")
+                f", ensemble of the {args.ensemble} best checkpoints" if args.ensemble > 1 else "") + (
+                f", deep ensemble of {1 + len(args.members)} runs" if args.members else "")
             where = f" on {result['dataset']}" if result["dataset"] != result["trained_on"] else ""
             print(f"{label}{where}: {result['metric']} {result['mean']:.4f} +- {result['ci95']:.4f} "
                   f"(95% CI over {result['episodes']} episodes)")
@@ -266,7 +271,8 @@ def _dispatch(args: argparse.Namespace) -> None:
                     for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
     elif args.command == "calibrate":
         fitted = calibrate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
-                           inner_steps=args.inner_steps, ensemble=args.ensemble, device=args.device, threads=args.threads)
+                           inner_steps=args.inner_steps, ensemble=args.ensemble, device=args.device, threads=args.threads,
+                           members=args.members)
         v = fitted["validation"]
         print(f"temperature {fitted['temperature']:.4f} fitted on {fitted['episodes']} validation episodes: "
               f"NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}")

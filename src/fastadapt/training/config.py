@@ -23,11 +23,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from ..algorithms.mamlpp import MSL_ITERATIONS
 from ..data.registry import DataOptions, dataset_info
 
-__all__ = ["Config", "ConfigError", "SECTIONS", "EXECUTION_KEYS", "ALGORITHMS", "MAML_FAMILY", "field_check", "describe_expected",
+__all__ = ["Config", "ConfigError", "SECTIONS", "EXECUTION_KEYS", "ALGORITHMS", "MAML_FAMILY", "PROBABILISTIC", "field_check", "describe_expected",
            "key_kind"]
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet", "imaml", "baseline", "maml++", "reptile",
-              "matchingnet")
+              "matchingnet", "vampire", "platipus", "bmaml")
+# probabilistic learners: predictions average several weight samples or particles (fastadapt.probabilistic)
+PROBABILISTIC = ("vampire", "platipus", "bmaml")
+# the samples per task in training where `samples` is left out
+_DEFAULT_SAMPLES = {"vampire": 2, "platipus": 1, "bmaml": 5}
 # the MAML family: one GradientLearner with options (algorithms.gradient)
 MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++")
 # algorithms whose inner loop can run another optimizer than SGD (inner_optimizer)
@@ -238,11 +242,30 @@ class RobustKeys(_Section):
     trades_beta: float = Field(6.0, ge=0, description="trades: weight of the KL term")
 
 
+class ProbabilisticKeys(_Section):
+    """Probabilistic learners (`fastadapt.probabilistic`): samples, priors and their KL terms."""
+
+    title: ClassVar[str] = "probabilistic learners"
+    applies_to: ClassVar[tuple[str, ...] | None] = PROBABILISTIC
+    samples: int | None = Field(None, ge=1, description="weight samples per task in training (vampire: 2, platipus: "
+                                "1); bmaml: the particles, 5 (default: those)")
+    eval_samples: int | None = Field(None, ge=1, description="weight samples per test episode (default 10; bmaml: "
+                                     "its particles)")
+    kl_weight: float = Field(1e-6, ge=0, description="vampire, platipus: weight of KL(posterior || prior), summed "
+                             "over every weight, in the loss")
+    prior_std: float = Field(0.01, gt=0, description="vampire, platipus: initial standard deviation of the prior "
+                             "over the weights (initialisations)")
+    posterior_std: float = Field(0.01, gt=0, description="platipus: initial standard deviation of the posterior "
+                                 "over initialisations")
+    chaser_steps: int = Field(1, ge=1, description="bmaml: the leader's further SVGD steps on support and query set")
+
+
 SECTIONS: tuple[type[_Section], ...] = (RunKeys, DataKeys, ModelKeys, OuterKeys, InnerKeys, MamlPlusPlusKeys,
-                                        ImamlKeys, ReptileKeys, BaselineKeys, ProtoNetKeys, MatchingKeys, RobustKeys)
+                                        ImamlKeys, ReptileKeys, BaselineKeys, ProtoNetKeys, MatchingKeys, RobustKeys,
+                                        ProbabilisticKeys)
 
 
-class Config(RobustKeys, MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
+class Config(ProbabilisticKeys, RobustKeys, MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, ImamlKeys, MamlPlusPlusKeys, InnerKeys, OuterKeys,
              ModelKeys, DataKeys, RunKeys):
     """Everything a run depends on: the keys of every section. Defaults: MAML on sinusoid regression
     (the embedded default). Construction validates; a bad key or value is a `ConfigError`.
@@ -303,6 +326,16 @@ class Config(RobustKeys, MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, 
         """iMAML's proximal strength at test time: `eval_imaml_lambda`, else `imaml_lambda`."""
         return self.imaml_lambda if self.eval_imaml_lambda is None else self.eval_imaml_lambda
 
+    @property
+    def effective_samples(self) -> int:
+        """Weight samples per task in training (bmaml: its particles)."""
+        return self.samples or _DEFAULT_SAMPLES.get(self.algorithm, 1)
+
+    @property
+    def effective_eval_samples(self) -> int:
+        """Weight samples per test episode (bmaml: its particles)."""
+        return self.effective_samples if self.algorithm == "bmaml" else self.eval_samples or 10
+
     def mamlpp_options(self) -> dict[str, Any]:
         """The MAML++ options of the gradient learner, nulls resolved: on for maml++ (per-step BN
         weights where the backbone has BatchNorm), off for the rest of the MAML family."""
@@ -328,6 +361,7 @@ class Config(RobustKeys, MatchingKeys, ProtoNetKeys, BaselineKeys, ReptileKeys, 
         _check_mamlpp(self)
         _check_execution(self)
         _check_robust(self)
+        _check_probabilistic(self)
         return self
 
     def robust_options(self) -> Any:
@@ -438,6 +472,22 @@ def _check_execution(config: Config) -> None:
     if config.task_workers > 1 and config.algorithm not in _TASK_WORKER_ALGORITHMS:
         raise ConfigError(f"task_workers={config.task_workers} trains tasks in threads; not with algorithm "
                           f"{config.algorithm!r} ({', '.join(_TASK_WORKER_ALGORITHMS)}). Set task_workers: 1")
+
+
+def _check_probabilistic(config: Config) -> None:
+    """Each probabilistic key where its learner has it."""
+    if config.algorithm not in PROBABILISTIC:
+        return
+    owners = {"kl_weight": ("vampire", "platipus"), "prior_std": ("vampire", "platipus"),
+              "posterior_std": ("platipus",), "chaser_steps": ("bmaml",)}
+    for key, algorithms in owners.items():
+        if config.algorithm not in algorithms and getattr(config, key) != ProbabilisticKeys.model_fields[key].default:
+            raise ConfigError(f"{key}={getattr(config, key)!r} applies to {', '.join(algorithms)}, not "
+                              f"{config.algorithm!r}; leave it at its default "
+                              f"({_yaml(ProbabilisticKeys.model_fields[key].default)})")
+    if config.algorithm == "bmaml" and config.eval_samples not in (None, config.effective_samples):
+        raise ConfigError(f"bmaml predicts with its {config.effective_samples} particles (samples); eval_samples="
+                          f"{config.eval_samples} cannot differ (leave eval_samples out, or set samples)")
 
 
 def _check_robust(config: Config) -> None:

@@ -14,7 +14,8 @@ from ..algorithms.objectives import trimmed_loss
 from ..data import ClassBatchSampler, DeviceTasks, EpisodeSampler, TaskSource
 from ..data.registry import dataset_info, dataset_splits, get_tasksets
 from ..nn import MLP, Conv4, ResNet12
-from .config import Config, ConfigError
+from ..probabilistic import BMAML, PLATIPUS, VAMPIRE
+from .config import PROBABILISTIC, Config, ConfigError
 
 __all__ = ["Experiment", "build_learner", "build_experiment", "test_source", "validation_source", "baseline_classes", "input_shape",
            "resolve_device"]
@@ -106,6 +107,8 @@ def _new_learner(config: Config) -> Learner:
             model = Conv4(channels, ways, hidden=64 if channels == 1 else 32, image_size=size,
                           track_running_stats=running, pooling="stride" if config.backbone == "conv4-strided" else "max")
     robust = config.robust_options()
+    if config.algorithm in PROBABILISTIC:
+        return _probabilistic_learner(config, model)
     if config.algorithm == "protonet":
         return ProtoNet(model, precision=config.precision, aggregation=config.aggregation, robust=robust)
     if config.algorithm == "matchingnet":
@@ -130,6 +133,19 @@ def _new_learner(config: Config) -> Learner:
                                                 inner_loss_fn=trimmed_loss(config.task, config.inner_trim)  # type: ignore[arg-type]
                                                 if config.inner_trim else None,
                                                 **config.mamlpp_options(), **(robust.seams(model) if robust else {}))
+
+
+def _probabilistic_learner(config: Config, model: nn.Module) -> Learner:
+    """VAMPIRE, PLATIPUS or BMAML on `model` with the config's inner loop and samples."""
+    common = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                  eval_inner_steps=config.effective_eval_inner_steps, seed=config.seed, task=config.task)
+    if config.algorithm == "bmaml":
+        return BMAML(model, particles=config.effective_samples, chaser_steps=config.chaser_steps, **common)
+    options = dict(samples=config.effective_samples, eval_samples=config.effective_eval_samples,
+                   kl_weight=config.kl_weight, prior_std=config.prior_std, **common)
+    if config.algorithm == "vampire":
+        return VAMPIRE(model, **options)
+    return PLATIPUS(model, posterior_std=config.posterior_std, **options)
 
 
 def test_source(config: Config, ways: int | None = None, shots: int | None = None, queries: int | None = None,
