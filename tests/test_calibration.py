@@ -299,3 +299,57 @@ def test_a_deep_ensemble_of_runs_averages_their_probabilities(run, tmp_path, mon
     fastadapt.train({"iterations": 2, "eval_episodes": 2, "meta_batch": 2, "threads": 1}, regression, progress=False)
     with pytest.raises(ConfigError, match=r"ensemble member .*regression differs from the run in algorithm, dataset, backbone, ways"):
         fastadapt.evaluate(run, episodes=4, members=[regression])
+
+
+def test_auroc_equals_the_mann_whitney_statistic_with_ties():
+    from fastadapt.calibration.ood import auroc, auroc_ci95, predictive_entropy
+
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(0)
+    inside = torch.randint(0, 20, (300,), generator=generator).double()  # many ties
+    outside = torch.randint(5, 30, (200,), generator=generator).double()
+    u = stats.mannwhitneyu(outside.numpy(), inside.numpy()).statistic
+    assert auroc(inside, outside) == pytest.approx(u / (300 * 200), abs=1e-12)
+    assert auroc(inside, inside + 100) == 1.0 and auroc(inside, inside) == 0.5
+    value, ci = auroc_ci95(inside, outside, resamples=100)
+    assert value == auroc(inside, outside) and 0 < ci < 0.2
+    assert float(predictive_entropy(torch.full((4,), 0.25))) == pytest.approx(math.log(4))
+
+
+def test_gaussian_outputs_train_and_report_interval_calibration(tmp_path):
+    from fastadapt.algorithms.objectives import gaussian_parameters, predictive_mean, task_loss
+
+    output, target = torch.tensor([[0.5, -1.0], [2.0, 0.3]]), torch.tensor([[0.0], [1.0]])
+    mean, std = gaussian_parameters(output)
+    expected = torch.nn.functional.gaussian_nll_loss(mean, target, std ** 2, full=True)
+    assert float(task_loss("gaussian", output, target)) == pytest.approx(float(expected), rel=1e-6)
+    # moment matching: the mixture of N(0, 1) and N(2, 1) is mean 1, variance 2
+    raw_one = math.log(math.expm1(1 - 1e-3))
+    samples = torch.tensor([[0.0, raw_one], [2.0, raw_one]], dtype=torch.float64)
+    m, s = gaussian_parameters(predictive_mean("gaussian", samples, 0))
+    assert float(m) == pytest.approx(1.0) and float(s) == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    run = tmp_path / "run"
+    fastadapt.train({"likelihood": "gaussian", "shots": 5, "queries": 5, "eval_queries": 10, "iterations": 300,
+                     "meta_batch": 10, "eval_episodes": 20, "threads": 1}, run, progress=False)
+    result = fastadapt.evaluate(run, episodes=50)
+    assert result["metric"] == "mse" and result["mean"] == result["metrics"]["mse"]["mean"]
+    assert {"loss", "mse", "crps", "picp50", "picp90", "picp95", "quantile_ce"} == set(result["metrics"])
+    assert 0.5 < result["metrics"]["picp90"]["mean"] <= 1.0 and sum(result["pit_histogram"]) == 50 * 10
+    with pytest.raises(ConfigError, match="likelihood 'gaussian' is a regression output"):
+        fastadapt.train({"likelihood": "gaussian", "dataset": "omniglot", "backbone": "conv4"}, tmp_path / "x")
+
+
+def test_sines_and_lines_tasks_are_both_kinds_and_repeat():
+    from fastadapt.data.registry import get_tasksets
+
+    tasks = get_tasksets("sines-lines", ways=1, shots=2, queries=50).test
+    batch = tasks.task_batch(0, 40)
+    assert torch.equal(batch.query_y, tasks.task_batch(0, 40).query_y)
+    residuals = []
+    for t in range(40):  # a line fits a line's points to the noise (0.3); a sine's it does not
+        x, y = batch.query_x[t, :, 0].double(), batch.query_y[t, :, 0].double()
+        design = torch.stack([x, torch.ones_like(x)], 1)
+        coefficients = torch.linalg.lstsq(design, y.unsqueeze(1)).solution
+        residuals.append(float((design @ coefficients - y.unsqueeze(1)).std()))
+    lines = sum(r < 0.4 for r in residuals)
+    assert 10 <= lines <= 30

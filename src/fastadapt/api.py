@@ -25,13 +25,16 @@ from .robust import Attack, NoisyLabels
 from .robust.corruptions import WHERE, check_corruption
 from .robust.evaluation import TARGETS
 from .calibration import expected_calibration_error, fit_temperature, nll_scores, predictive_probs
+from .calibration.ood import auroc_ci95, predictive_entropy
+from .data.episodes import TaskBatch
 from .training.evaluate import (Estimate, collect_over_episodes, ensemble_samples, evaluate_calibration, evaluate_corrupted,
-                                evaluate_ensemble, evaluate_learner, evaluate_under_attack)
+                                evaluate_ensemble, evaluate_learner, evaluate_regression_calibration, evaluate_under_attack,
+                                headline_metric)
 from .training.experiment import build_learner, test_source, validation_source
 from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
 
-__all__ = ["train", "evaluate", "calibrate", "evaluate_robustness", "load", "resolve_config", "run_config", "default_run_dir"]
+__all__ = ["train", "evaluate", "calibrate", "detect_ood", "evaluate_robustness", "load", "resolve_config", "run_config", "default_run_dir"]
 
 PathLike = str | os.PathLike[str]
 
@@ -125,7 +128,9 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     ECE, MCE and adaptive ECE (15 bins, pooled over all queries; `training.evaluate.evaluate_calibration`),
     with the reliability diagram's bins. `calibrated=True` divides the logits by the temperature
     `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps.
-    `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
+    A regression run with a Gaussian output (`likelihood: gaussian`) is scored on its predictive
+    mixture: NLL (`loss`), MSE, CRPS, interval coverage at 50/90/95% and the quantile calibration
+    error, with the PIT histogram. `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
     ensemble of this run and them, their probabilities averaged (each member's best checkpoint).
     Writes `RUN_DIR/evals/<...>.json` and returns it.
 
@@ -157,10 +162,14 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
                                            temperature=1.0 if temperature is None else temperature["temperature"])
             estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
             extra = {"temperature": None if temperature is None else temperature["temperature"], **summary.extra}
+        elif config.learner_task == "gaussian":
+            summary = evaluate_regression_calibration(learners, tasks, episodes, inner_steps=steps)
+            estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
+            extra = summary.extra
         else:
             estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if len(learners) == 1
                          else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))
-    metric = "accuracy" if "accuracy" in estimates else "loss"
+    metric = headline_metric(estimates)
     imaml_test_lambda = config.effective_eval_imaml_lambda if config.algorithm == "imaml" else None
     ways, shots, queries = ways or config.ways, shots or config.shots, queries or config.eval_queries
     result = {
@@ -227,6 +236,50 @@ def calibrate(run_dir: PathLike, *, episodes: int = 500, ways: int | None = None
             "ece_after": float(expected_calibration_error(after, labels))},
     }
     write_json(_temperature_path(run_dir, ways, shots, queries, result["inner_steps"], ensemble, members), result)
+    return result
+
+
+def detect_ood(run_dir: PathLike, *, against: str = "mnist", episodes: int = 500, inner_steps: int | None = None,
+               calibrated: bool = False, members: Sequence[PathLike] = (), device: str | None = None,
+               threads: int | None = None) -> dict[str, Any]:
+    """How well a trained classification run tells test tasks of another dataset (`against`, e.g.
+    "mnist" for an Omniglot run) from its own test tasks by its uncertainty: each task's mean
+    predictive entropy over its queries (`calibration.ood`), `episodes` tasks of each, and the
+    AUROC of that score (1: separated, 0.5: chance) with a bootstrap 95% interval. `calibrated`,
+    `members`: as in `evaluate`. Writes `RUN_DIR/ood/<against>-<...>.json` and returns it.
+
+    Example:
+        >>> fastadapt.detect_ood("runs/maml-omniglot", against="mnist")["auroc"]  # doctest: +SKIP
+        0.8...
+    """
+    run_dir = Path(run_dir)
+    config = _evaluation_config(run_dir, episodes, device=device, threads=threads)
+    if config.task != "classification":
+        raise ConfigError(f"out-of-distribution detection scores class probabilities; {run_dir} is a {config.task} run")
+    learners = [_restored(config, *_evaluated_checkpoints(run_dir, 1)[0])]
+    learners += _member_learners(config, members, device=device, threads=threads)
+    adapts = config.algorithm not in ("protonet", "baseline", "matchingnet")
+    steps = inner_steps or config.effective_eval_inner_steps
+    temperature = (_fitted_temperature(run_dir, config, None, None, None, steps if adapts else None, 1, members)
+                   ["temperature"] if calibrated else 1.0)
+
+    def entropy(batch: TaskBatch, start: int) -> dict[str, Tensor]:
+        probs = predictive_probs(ensemble_samples(learners, batch, steps), temperature)
+        return {"entropy": predictive_entropy(probs).mean(1).cpu()}
+
+    scores = {}
+    with torch_threads(config.threads):
+        for name, source in (("in", test_source(config)), ("out", test_source(config, dataset=against))):
+            scores[name] = collect_over_episodes(entropy, source, episodes, 32, learners)["entropy"]
+    value, ci95 = auroc_ci95(scores["in"], scores["out"])
+    result = {"dataset": config.dataset, "against": against, "episodes": episodes, "ways": config.ways,
+              "shots": config.shots, "queries": config.eval_queries, "inner_steps": steps if adapts else None,
+              "temperature": temperature if calibrated else None,
+              **({"members": [str(m) for m in members]} if members else {}),
+              "score": "mean predictive entropy of the queries", "auroc": value, "ci95": ci95,
+              "entropy": {name: {"mean": float(v.mean()), "std": float(v.std())} for name, v in scores.items()}}
+    tag = f"{_file_name(against)}-{episodes}ep{_members_tag(members)}{'-calibrated' if calibrated else ''}"
+    write_json(run_dir / "ood" / f"{tag}.json", result)
     return result
 
 

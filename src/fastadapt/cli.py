@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from . import __version__
-from .api import calibrate, default_run_dir, evaluate, evaluate_robustness, resolve_config, run_config, train
+from .api import calibrate, default_run_dir, detect_ood, evaluate, evaluate_robustness, resolve_config, run_config, train
 from .robust import CORRUPTIONS, NOISE_KINDS, SEVERITIES, fgsm, noisy_per_class, pgd
 from .robust.label_noise import allowed_rates
 from .robust.corruptions import WHERE
@@ -145,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="other runs forming a deep ensemble with RUN_DIR (as in eval)")
     for key in ("device", "threads"):
         _add_key_flag(cal, key, f"{Config.model_fields[key].description} (default: the run's)")
+
+    ood = commands.add_parser("ood", help="tell another dataset's tasks from the run's own by predictive entropy",
+                              description="Score test tasks of the run's dataset and of another (--against) by the "
+                              "mean predictive entropy of their queries and report the AUROC of telling them apart "
+                              "(1: separated, 0.5: chance), written to RUN_DIR/ood/<...>.json.")
+    ood.add_argument("run_dir", type=Path)
+    ood.add_argument("--against", default="mnist", help="the out-of-distribution dataset (default mnist)")
+    ood.add_argument("--episodes", type=_flag_type("eval_episodes"), default=500, help="tasks of each (default 500)")
+    ood.add_argument("--inner-steps", type=_flag_type("inner_steps"), help="inner steps (default: the run's evaluation's)")
+    ood.add_argument("--calibrated", action="store_true", help="with the temperature `fastadapt calibrate` fitted")
+    ood.add_argument("--members", type=Path, nargs="+", default=[], metavar="RUN",
+                     help="other runs forming a deep ensemble with RUN_DIR (as in eval)")
+    for key in ("device", "threads"):
+        _add_key_flag(ood, key, f"{Config.model_fields[key].description} (default: the run's)")
 
     rob = commands.add_parser("robustness", help="a trained run under attack, label noise or corruption",
                               description="Evaluate a trained classification run on fixed test episodes, clean and "
@@ -269,6 +283,12 @@ def _dispatch(args: argparse.Namespace) -> None:
                 print("  calibration" + scaled + ": " + ", ".join(
                     f"{name} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"
                     for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
+    elif args.command == "ood":
+        found = detect_ood(args.run_dir, against=args.against, episodes=args.episodes, inner_steps=args.inner_steps,
+                           calibrated=args.calibrated, members=args.members, device=args.device, threads=args.threads)
+        e = found["entropy"]
+        print(f"{found['dataset']} vs {found['against']} tasks, {found['episodes']} each: AUROC {found['auroc']:.4f} +- "
+              f"{found['ci95']:.4f} (mean predictive entropy {e['in']['mean']:.4f} vs {e['out']['mean']:.4f})")
     elif args.command == "calibrate":
         fitted = calibrate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots, queries=args.queries,
                            inner_steps=args.inner_steps, ensemble=args.ensemble, device=args.device, threads=args.threads,

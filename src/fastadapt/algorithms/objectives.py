@@ -1,22 +1,51 @@
-"""What a task asks for: classification (cross-entropy, accuracy) or regression (mean squared error)."""
+"""What a task asks for: classification (cross-entropy, accuracy), regression (mean squared error)
+or regression with a Gaussian output (`gaussian`: the model outputs a mean and a raw scale per
+target, `gaussian_parameters` turns them into mean and standard deviation; the loss is the Gaussian
+negative log-likelihood, the metrics add the mean's squared error as `mse`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TaskKind", "task_loss", "task_metrics", "trimmed_loss"]
+__all__ = ["TaskKind", "task_loss", "task_metrics", "trimmed_loss", "gaussian_parameters", "predictive_mean", "MIN_STD"]
 
-TaskKind = Literal["classification", "regression"]
+TaskKind = Literal["classification", "regression", "gaussian"]
+MIN_STD = 1e-3  # the smallest standard deviation a Gaussian output states
+
+
+def gaussian_parameters(output: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation `(..., targets)` of a Gaussian output `(..., 2 * targets)`: the
+    first half the means, the second raw scales, `std = softplus(raw) + MIN_STD`.
+
+    Example:
+        >>> import torch
+        >>> mean, std = gaussian_parameters(torch.tensor([[1.0, 0.0]]))
+        >>> float(mean), round(float(std), 4)
+        (1.0, 0.6941)
+    """
+    mean, raw = output.chunk(2, dim=-1)
+    return mean, F.softplus(raw) + MIN_STD
 
 
 def task_loss(kind: TaskKind, output: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy (logits vs integer labels) or mean squared error."""
+    """Mean cross-entropy (logits vs integer labels), mean squared error, or the mean Gaussian
+    negative log-likelihood (`gaussian`)."""
     if kind == "classification":
         return F.cross_entropy(output, target)
+    if kind == "gaussian":
+        return _gaussian_nll(output, target).mean()
     return F.mse_loss(output, target)
+
+
+def _gaussian_nll(output: Tensor, target: Tensor) -> Tensor:
+    """Each target's Gaussian negative log-likelihood (no data-dependent checks: vmap-safe)."""
+    mean, std = gaussian_parameters(output)
+    return 0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((target - mean) / std) ** 2
 
 
 def trimmed_loss(kind: TaskKind, trim: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -46,7 +75,8 @@ def trimmed_loss(kind: TaskKind, trim: float) -> Callable[[Tensor, Tensor], Tens
 
 def task_metrics(kind: TaskKind, output: Tensor, target: Tensor,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """Detached per-task metrics: `loss` (`loss_fn`, default the task's), plus `accuracy` for classification.
+    """Detached per-task metrics: `loss` (`loss_fn`, default the task's), plus `accuracy` for
+    classification and `mse` (of the mean) for a Gaussian output.
 
     Example:
         >>> import torch
@@ -57,10 +87,33 @@ def task_metrics(kind: TaskKind, output: Tensor, target: Tensor,
     metrics = {"loss": task_loss(kind, output, target) if loss_fn is None else loss_fn(output, target).detach()}
     if kind == "classification":
         metrics["accuracy"] = (output.argmax(-1) == target).float().mean()
+    elif kind == "gaussian":
+        metrics["mse"] = F.mse_loss(gaussian_parameters(output)[0], target)
     return metrics
 
 
+def predictive_mean(kind: TaskKind, samples: Tensor, dim: int) -> Tensor:
+    """The predictive distribution of several samples of outputs (over `dim`) as one output: the
+    log of the mean class probabilities (classification), the mean (regression), or the Gaussian
+    with the mixture's mean and variance (a Gaussian output, moment-matched).
+
+    Example:
+        >>> import torch
+        >>> predictive_mean("classification", torch.tensor([[0.0, 0.0], [0.0, 0.0]]), 0).exp()
+        tensor([0.5000, 0.5000])
+    """
+    if kind == "classification":
+        return torch.logsumexp(torch.log_softmax(samples, -1), dim) - math.log(samples.shape[dim])
+    if kind == "gaussian":
+        means, stds = gaussian_parameters(samples)
+        mean = means.mean(dim)
+        variance = (stds ** 2 + means ** 2).mean(dim) - mean ** 2
+        excess = (variance.clamp(min=0).sqrt() - MIN_STD).clamp(min=1e-6)
+        return torch.cat([mean, excess + torch.log(-torch.expm1(-excess))], -1)  # the inverse of softplus
+    return samples.mean(dim)
+
+
 def check_kind(kind: str) -> TaskKind:
-    if kind not in ("classification", "regression"):
-        raise ValueError(f"task must be 'classification' or 'regression', got {kind!r}")
+    if kind not in ("classification", "regression", "gaussian"):
+        raise ValueError(f"task must be 'classification', 'regression' or 'gaussian', got {kind!r}")
     return kind  # type: ignore[return-value]

@@ -8,6 +8,7 @@ command line and Python alike (in the spirit of learn2learn's `get_tasksets`).
 | `mini-imagenet` | 64 train, 16 validation, 20 test (Ravi & Larochelle's CSV files), 600 images each | 3x84x84 |
 | `folder:PATH` | one sub-folder per class; split by `train/` `val/` `test/` sub-folders, by split files, or by a seed | any size, grey or RGB, resized to `image_size` |
 | `sinusoid` | regression tasks, no files | x in [-5, 5] |
+| `sines-lines` | ambiguous regression tasks: half sines, half lines, noise 0.3 (PLATIPUS), no files | x in [-5, 5] |
 
 `dataset_splits(name)` returns the splits as datasets; `get_tasksets(name, ways, shots, queries)`
 returns episode samplers over them. `register_dataset` adds a name of your own.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .sampler import EpisodeSampler, TaskSource
-from .sinusoid import SinusoidTasks
+from .sinusoid import SinesAndLinesTasks, SinusoidTasks
 
 __all__ = ["DataOptions", "DatasetInfo", "TaskSets", "dataset_info", "dataset_names", "dataset_splits",
            "get_tasksets", "register_dataset"]
@@ -158,9 +159,10 @@ def get_tasksets(spec: str, ways: int, shots: int, queries: int, *, seed: int = 
     eval_queries = eval_queries or queries
     info, _ = dataset_info(spec)
     if info.regression:
-        validation = SinusoidTasks(shots, eval_queries, seed=SINUSOID_VALIDATION_SEED + eval_seed)
-        return TaskSets(SinusoidTasks(shots, queries, seed=seed), validation,
-                        SinusoidTasks(shots, eval_queries, seed=SINUSOID_TEST_SEED + eval_seed))
+        family = _TASK_FAMILIES[info.name]
+        validation = family(shots, eval_queries, seed=SINUSOID_VALIDATION_SEED + eval_seed)
+        return TaskSets(family(shots, queries, seed=seed), validation,
+                        family(shots, eval_queries, seed=SINUSOID_TEST_SEED + eval_seed))
     splits = dataset_splits(spec, options)
     validation = splits.get("validation")
     return TaskSets(EpisodeSampler(splits["train"], ways, shots, queries, seed=seed),
@@ -229,3 +231,7 @@ register_dataset(DatasetInfo("folder", "your images: one sub-folder per class", 
                              takes_argument=True))
 register_dataset(DatasetInfo("sinusoid", "sine regression tasks (Finn et al. 2017), no files",
                              lambda argument, o: {}, lambda argument, o: (1,), regression=True))
+register_dataset(DatasetInfo("sines-lines", "ambiguous regression tasks, half sines, half lines, noisy (PLATIPUS), "
+                             "no files", lambda argument, o: {}, lambda argument, o: (1,), regression=True))
+# the task family behind each regression dataset
+_TASK_FAMILIES = {"sinusoid": SinusoidTasks, "sines-lines": SinesAndLinesTasks}

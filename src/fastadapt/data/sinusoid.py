@@ -1,4 +1,5 @@
-"""Sinusoid regression tasks from the MAML paper (Finn et al. 2017), built in: no files."""
+"""Regression task families, built in (no files): the MAML paper's sinusoids (Finn et al. 2017) and
+the ambiguous sines-and-lines family of PLATIPUS (Finn, Xu & Levine 2018)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from .episodes import Episode, TaskBatch
 from .sampler import _positive, episode_rng
 
-__all__ = ["SinusoidTasks"]
+__all__ = ["SinusoidTasks", "SinesAndLinesTasks"]
 
 
 class SinusoidTasks:
@@ -51,3 +52,28 @@ class SinusoidTasks:
         x, y = xy[..., :1], xy[..., 1:]
         s = self.shots
         return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:])
+
+
+class SinesAndLinesTasks(SinusoidTasks):
+    """Ambiguous tasks (PLATIPUS, Finn et al. 2018): each task is, with probability 1/2, a sinusoid
+    `A sin(x - phi)` (A ~ U[0.1, 5], phi ~ U[0, pi]) or a line `a x + b` (a, b ~ U[-3, 3]), its
+    targets with Gaussian noise of standard deviation 0.3; x ~ U[-5, 5]. From one or two support
+    points both explanations fit: a calibrated learner's samples should cover both.
+
+    Example:
+        >>> SinesAndLinesTasks(shots=2, queries=5).task_batch(0, 3).support_y.shape
+        torch.Size([3, 2, 1])
+    """
+
+    slope = (-3.0, 3.0)
+    intercept = (-3.0, 3.0)
+    noise = 0.3
+
+    def _draw(self, index: int) -> np.ndarray:
+        rng = episode_rng(self.seed, index)
+        is_sine = rng.uniform() < 0.5
+        first, second = (rng.uniform(*self.amplitude), rng.uniform(*self.phase)) if is_sine else (
+            rng.uniform(*self.slope), rng.uniform(*self.intercept))
+        x = rng.uniform(*self.x_range, size=self.shots + self.queries)
+        clean = first * np.sin(x - second) if is_sine else first * x + second
+        return np.stack([x, clean + self.noise * rng.standard_normal(x.shape)], axis=-1)

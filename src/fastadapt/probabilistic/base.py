@@ -26,13 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import Learner, module_mode
-from ..algorithms.objectives import TaskKind, check_kind
+from ..algorithms.objectives import TaskKind, check_kind, predictive_mean
 from ..data.episodes import TaskBatch
 from ..functional import Params
 from ..functional.task_batched import looped_forward, task_batched_forward
 from .sampling import EVALUATION, TRAINING, generator, task_checksum
 
-__all__ = ["SamplingLearner", "SampledPredictor", "stacked_forward", "predictive_mean", "check_count"]
+__all__ = ["SamplingLearner", "SampledPredictor", "stacked_forward", "check_count"]
 
 
 def stacked_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
@@ -45,18 +45,6 @@ def stacked_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
         return (batched or looped_forward(model))(params, x.unsqueeze(0).expand(samples, *x.shape))
 
     return run
-
-
-def predictive_mean(kind: TaskKind, samples: Tensor, dim: int) -> Tensor:
-    """The predictive mean over `dim`: log mean probabilities (classification) or mean outputs.
-
-    Example:
-        >>> predictive_mean("classification", torch.tensor([[0.0, 0.0], [0.0, 0.0]]), 0).exp()
-        tensor([0.5000, 0.5000])
-    """
-    if kind == "classification":
-        return torch.logsumexp(torch.log_softmax(samples, -1), dim) - torch.log(torch.tensor(float(samples.shape[dim])))
-    return samples.mean(dim)
 
 
 def check_count(name: str, value: int) -> int:

@@ -31,10 +31,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..algorithms.objectives import TaskKind, task_loss, task_metrics
+from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
 from ..functional import Params, adapt, loss_with_grads
-from .base import SamplingLearner, check_count, predictive_mean, stacked_forward
+from .base import SamplingLearner, check_count, stacked_forward
 from .svgd import svgd
 
 __all__ = ["BMAML"]

@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..algorithms.objectives import TaskKind, task_loss, task_metrics
+from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
 from ..functional import Params, adapt, loss_with_grads, sgd
-from .base import SamplingLearner, check_count, predictive_mean, stacked_forward
+from .base import SamplingLearner, check_count, stacked_forward
 from .gaussian import kl_divergence, log_std_like, reparameterised
 from .sampling import gaussian_noise
 

@@ -132,6 +132,8 @@ class ModelKeys(_Section):
         "the Reptile paper's network) or resnet12 (64-160-320-640 channels)")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="resnet12: DropBlock rate after its last two blocks "
                              "(MetaOptNet: 0.1)")
+    likelihood: Literal["point", "gaussian"] = Field("point", description="regression: point predictions (MSE), or "
+                                                     "a Gaussian per target (mean and std; NLL): calibrated intervals")
 
 
 class OuterKeys(_Section):
@@ -304,6 +306,11 @@ class Config(ProbabilisticKeys, RobustKeys, MatchingKeys, ProtoNetKeys, Baseline
     def task(self) -> str:
         return "regression" if dataset_info(self.dataset)[0].regression else "classification"
 
+    @property
+    def learner_task(self) -> str:
+        """What the learner is built for: classification, regression or gaussian (a Gaussian output)."""
+        return "gaussian" if self.likelihood == "gaussian" else self.task
+
     def data_options(self) -> DataOptions:
         """How the dataset is read (`data.registry.DataOptions`): root, image size, channels, validation."""
         return DataOptions(root=self.data_root, image_size=self.image_size, channels=self.channels,
@@ -402,6 +409,9 @@ def _check_data_and_model(config: Config) -> None:
     if config.backbone not in expected:
         raise ConfigError(f"backbone {config.backbone!r} does not fit dataset {config.dataset!r}; use backbone: "
                           f"{' or '.join(expected)}")
+    if config.likelihood == "gaussian" and config.task != "regression":
+        raise ConfigError(f"likelihood 'gaussian' is a regression output (mean and std); {config.dataset!r} is "
+                          "classification (likelihood: point)")
     if config.drop_rate and config.backbone != "resnet12":
         raise ConfigError(f"drop_rate (DropBlock) applies to backbone resnet12, not {config.backbone!r}")
     if config.task == "regression" and config.algorithm in _METRIC_OR_FINE_TUNING:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import contextlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..algorithms.base import Learner
-from ..algorithms.objectives import task_metrics
-from ..calibration import Summary, classification_summary, predictive_probs
+from ..algorithms.objectives import gaussian_parameters, predictive_mean, task_metrics
+from ..calibration import Summary, classification_summary, predictive_probs, regression_summary
 from ..calibration.summary import RESAMPLES
 from ..functional.task_batched import thread_safe_forward
 from ..data.episodes import TaskBatch
@@ -20,7 +20,8 @@ from ..data.sampler import TaskSource
 from ..robust import Attack, attacked_task_metrics, corrupted_batch
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "evaluate_learner", "evaluate_ensemble", "evaluate_calibration", "collect_over_episodes", "evaluate_under_attack", "evaluate_corrupted",
+__all__ = ["Estimate", "mean_ci95", "headline_metric", "evaluate_learner", "evaluate_ensemble", "evaluate_calibration", "evaluate_regression_calibration",
+           "collect_over_episodes", "evaluate_under_attack", "evaluate_corrupted",
            "estimate_over_episodes"]
 
 
@@ -34,6 +35,17 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.mean:.4f} +- {self.ci95:.4f}"
+
+
+def headline_metric(estimates: dict[str, Any]) -> str:
+    """The estimate a run is reported by: `accuracy` (classification), `mse` (a Gaussian output's
+    mean), else `loss` (regression's MSE).
+
+    Example:
+        >>> headline_metric({"loss": 1.0, "mse": 0.5})
+        'mse'
+    """
+    return next(name for name in ("accuracy", "mse", "loss") if name in estimates)
 
 
 def mean_ci95(values: Tensor) -> Estimate:
@@ -79,7 +91,7 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
     """Like `evaluate_learner`, for the predictive mean of several learners: each adapts to an
     episode on its own; a classifier's members' probabilities are averaged (a deep ensemble's
     predictive distribution; with Bayesian members, every sample of every member counts once), a
-    regressor's outputs; the per-episode `loss` (and `accuracy`) is measured on that mean. MAML++
+    regressor's outputs, Gaussian outputs moment-matched (`objectives.predictive_mean`); the per-episode `loss` (and `accuracy`) is measured on that mean. MAML++
     (Antoniou et al. 2019) reports the ensemble of its five best validation checkpoints this way.
 
     Example:
@@ -92,10 +104,7 @@ def evaluate_ensemble(learners: Sequence[Learner], source: TaskSource, episodes:
     kind = ensemble_kind(learners)
 
     def metrics(batch: TaskBatch, start: int) -> dict[str, Tensor]:
-        if kind == "classification":
-            mean = predictive_probs(ensemble_samples(learners, batch, inner_steps)).log().float()
-        else:
-            mean = torch.stack([learner.query_outputs(batch, inner_steps=inner_steps) for learner in learners]).mean(0)
+        mean = predictive_mean(kind, ensemble_samples(learners, batch, inner_steps), 2)
         rows = [task_metrics(kind, mean[t], batch.query_y[t]) for t in range(len(batch))]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
@@ -141,6 +150,33 @@ def evaluate_calibration(learners: Sequence[Learner], source: TaskSource, episod
         lambda batch, start: {"probs": predictive_probs(ensemble_samples(learners, batch, inner_steps), temperature),
                               "labels": batch.query_y.cpu()}, source, episodes, batch_size, learners)
     return classification_summary(collected["probs"].cpu(), collected["labels"], resamples=resamples, seed=source.seed)
+
+
+def evaluate_regression_calibration(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *,
+                                    batch_size: int = 32, inner_steps: int | None = None,
+                                    resamples: int = RESAMPLES) -> Summary:
+    """NLL (`loss`), MSE, CRPS, interval coverage at 50/90/95% and the quantile calibration error
+    (`calibration.regression_summary`) of learners with a Gaussian output (task "gaussian"), every
+    sample of every learner a component of the predictive mixture, on test episodes 0..episodes-1.
+
+    Example:
+        >>> from fastadapt import MAML, SinusoidTasks
+        >>> from fastadapt.nn import MLP
+        >>> summary = evaluate_regression_calibration([MAML(MLP(1, [8], 2), 0.01, task="gaussian")], SinusoidTasks(seed=1), 4)
+        >>> round(summary.estimates["picp90"][0], 2) >= 0
+        True
+    """
+    if ensemble_kind(learners) != "gaussian":
+        raise ValueError("interval calibration needs learners with a Gaussian output (task 'gaussian', likelihood: "
+                         "gaussian)")
+
+    def gaussians(batch: TaskBatch, start: int) -> dict[str, Tensor]:
+        means, stds = gaussian_parameters(ensemble_samples(learners, batch, inner_steps))  # (T, Q, S, 1)
+        return {"means": means.squeeze(-1).cpu(), "stds": stds.squeeze(-1).cpu(), "target": batch.query_y.squeeze(-1).cpu()}
+
+    collected = collect_over_episodes(gaussians, source, episodes, batch_size, learners)
+    return regression_summary(collected["means"], collected["stds"], collected["target"], resamples=resamples,
+                              seed=source.seed)
 
 
 def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,

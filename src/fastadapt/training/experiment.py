@@ -96,7 +96,7 @@ def build_learner(config: Config) -> Learner:
 def _new_learner(config: Config) -> Learner:
     torch.manual_seed(config.seed)
     if config.backbone == "mlp":
-        model: nn.Module = MLP(1, [40, 40], 1)
+        model: nn.Module = MLP(1, [40, 40], 2 if config.likelihood == "gaussian" else 1)
     else:
         channels, size, _ = input_shape(config)
         ways = None if config.algorithm in ("protonet", "matchingnet", "baseline") else config.ways
@@ -118,19 +118,19 @@ def _new_learner(config: Config) -> Learner:
         return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                        inner_optimizer=config.inner_optimizer, inner_batch=config.inner_batch,  # type: ignore[arg-type]
                        eval_inner_steps=config.effective_eval_inner_steps, eval_inner_batch=config.eval_inner_batch,
-                       inner_state=config.inner_state, task=config.task)  # type: ignore[arg-type]
+                       inner_state=config.inner_state, task=config.learner_task)  # type: ignore[arg-type]
     if config.algorithm == "baseline":
         return Baseline(model, baseline_classes(config), head=config.head)  # type: ignore[arg-type]
     if config.algorithm == "imaml":
         return IMAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, lam=config.imaml_lambda,
                      eval_lam=config.eval_imaml_lambda, cg_steps=config.cg_steps, cg_damping=config.cg_damping,
                      inner_optimizer=config.inner_optimizer, proximal=config.imaml_proximal,  # type: ignore[arg-type]
-                     task=config.task, task_workers=config.task_workers)  # type: ignore[arg-type]
+                     task=config.learner_task, task_workers=config.task_workers)  # type: ignore[arg-type]
     return _GRADIENT_LEARNERS[config.algorithm](model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                                                task=config.task, precision=config.precision, compile=config.compile,
+                                                task=config.learner_task, precision=config.precision, compile=config.compile,
                                                 checkpoint_inner_loop=config.checkpoint_inner_loop,
                                                 task_workers=config.task_workers, inner_optimizer=config.inner_optimizer,
-                                                inner_loss_fn=trimmed_loss(config.task, config.inner_trim)  # type: ignore[arg-type]
+                                                inner_loss_fn=trimmed_loss(config.learner_task, config.inner_trim)  # type: ignore[arg-type]
                                                 if config.inner_trim else None,
                                                 **config.mamlpp_options(), **(robust.seams(model) if robust else {}))
 
@@ -138,7 +138,7 @@ def _new_learner(config: Config) -> Learner:
 def _probabilistic_learner(config: Config, model: nn.Module) -> Learner:
     """VAMPIRE, PLATIPUS or BMAML on `model` with the config's inner loop and samples."""
     common = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                  eval_inner_steps=config.effective_eval_inner_steps, seed=config.seed, task=config.task)
+                  eval_inner_steps=config.effective_eval_inner_steps, seed=config.seed, task=config.learner_task)
     if config.algorithm == "bmaml":
         return BMAML(model, particles=config.effective_samples, chaser_steps=config.chaser_steps, **common)
     options = dict(samples=config.effective_samples, eval_samples=config.effective_eval_samples,

@@ -34,7 +34,7 @@ from .checkpoint import (CheckpointError, keep_top_checkpoints, latest_checkpoin
                          ranked_validation_steps, save_checkpoint, step_name)
 from .config import EXECUTION_KEYS, Config, ConfigError
 from .recipes import saved_config
-from .evaluate import Estimate, evaluate_learner
+from .evaluate import Estimate, evaluate_learner, headline_metric
 from .experiment import Experiment, build_experiment
 
 __all__ = ["Trainer", "METRIC_COLUMNS", "learning_rate"]
@@ -316,7 +316,7 @@ class Trainer:
         return tqdm(total=self.config.iterations, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def _results(self, estimates: dict[str, Estimate], state: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-        metric = "accuracy" if "accuracy" in estimates else "loss"
+        metric = headline_metric(estimates)
         trained_tasks = state["step"] * self.config.meta_batch
         return {
             "metric": metric if metric == "accuracy" else "mse",
