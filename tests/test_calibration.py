@@ -3,6 +3,7 @@ episodes only, and calibration in `fastadapt eval` / `fastadapt calibrate`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -335,6 +336,15 @@ def test_gaussian_outputs_train_and_report_interval_calibration(tmp_path):
     assert result["metric"] == "mse" and result["mean"] == result["metrics"]["mse"]["mean"]
     assert {"loss", "mse", "crps", "picp50", "picp90", "picp95", "quantile_ce"} == set(result["metrics"])
     assert 0.5 < result["metrics"]["picp90"]["mean"] <= 1.0 and sum(result["pit_histogram"]) == 50 * 10
+    assert len(result["bands"]) == 4 and len(result["bands"][0]["means"]) == 1 and len(result["bands"][0]["x"]) == 100
+    if importlib.util.find_spec("matplotlib"):
+        from fastadapt.training.report import write_report
+
+        files = write_report([run], tmp_path / "report")
+        assert files.bands is not None and files.bands.stat().st_size > 10_000 and files.reliability is None
+        text = files.markdown.read_text()
+        picp = result["metrics"]["picp90"]
+        assert "## Regression with uncertainty" in text and f"{picp['mean']:.4f} +- {picp['ci95']:.4f}" in text
     with pytest.raises(ConfigError, match="likelihood 'gaussian' is a regression output"):
         fastadapt.train({"likelihood": "gaussian", "dataset": "omniglot", "backbone": "conv4"}, tmp_path / "x")
 

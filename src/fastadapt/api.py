@@ -29,7 +29,7 @@ from .calibration.ood import auroc_ci95, predictive_entropy
 from .data.episodes import TaskBatch
 from .training.evaluate import (Estimate, collect_over_episodes, ensemble_samples, evaluate_calibration, evaluate_corrupted,
                                 evaluate_ensemble, evaluate_learner, evaluate_regression_calibration, evaluate_under_attack,
-                                headline_metric)
+                                headline_metric, predictive_bands)
 from .training.experiment import build_learner, test_source, validation_source
 from .training.recipes import load_recipe, saved_config
 from .training.trainer import Trainer
@@ -130,7 +130,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps.
     A regression run with a Gaussian output (`likelihood: gaussian`) is scored on its predictive
     mixture: NLL (`loss`), MSE, CRPS, interval coverage at 50/90/95% and the quantile calibration
-    error, with the PIT histogram. `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
+    error, with the PIT histogram and the predictive samples of four episodes (`bands`, for plots). `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
     ensemble of this run and them, their probabilities averaged (each member's best checkpoint).
     Writes `RUN_DIR/evals/<...>.json` and returns it.
 
@@ -165,7 +165,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         elif config.learner_task == "gaussian":
             summary = evaluate_regression_calibration(learners, tasks, episodes, inner_steps=steps)
             estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
-            extra = summary.extra
+            extra = {**summary.extra, "bands": predictive_bands(learners, tasks, inner_steps=steps)}
         else:
             estimates = (evaluate_learner(learners[0], tasks, episodes, inner_steps=steps) if len(learners) == 1
                          else evaluate_ensemble(learners, tasks, episodes, inner_steps=steps))

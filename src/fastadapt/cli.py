@@ -283,6 +283,12 @@ def _dispatch(args: argparse.Namespace) -> None:
                 print("  calibration" + scaled + ": " + ", ".join(
                     f"{name} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"
                     for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
+            if "picp90" in result["metrics"]:
+                print("  uncertainty: " + ", ".join(
+                    f"{label} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"
+                    for name, label in (("loss", "nll"), ("crps", "crps"), ("picp50", "50% coverage"),
+                                        ("picp90", "90% coverage"), ("picp95", "95% coverage"),
+                                        ("quantile_ce", "quantile calibration error"))))
     elif args.command == "ood":
         found = detect_ood(args.run_dir, against=args.against, episodes=args.episodes, inner_steps=args.inner_steps,
                            calibrated=args.calibrated, members=args.members, device=args.device, threads=args.threads)

@@ -20,7 +20,7 @@ from ..data.sampler import TaskSource
 from ..robust import Attack, attacked_task_metrics, corrupted_batch
 from ..runtime import map_in_threads
 
-__all__ = ["Estimate", "mean_ci95", "headline_metric", "evaluate_learner", "evaluate_ensemble", "evaluate_calibration", "evaluate_regression_calibration",
+__all__ = ["Estimate", "mean_ci95", "headline_metric", "evaluate_learner", "evaluate_ensemble", "evaluate_calibration", "evaluate_regression_calibration", "predictive_bands",
            "collect_over_episodes", "evaluate_under_attack", "evaluate_corrupted",
            "estimate_over_episodes"]
 
@@ -177,6 +177,29 @@ def evaluate_regression_calibration(learners: Sequence[Learner], source: TaskSou
     collected = collect_over_episodes(gaussians, source, episodes, batch_size, learners)
     return regression_summary(collected["means"], collected["stds"], collected["target"], resamples=resamples,
                               seed=source.seed)
+
+
+def predictive_bands(learners: Sequence[Learner], source: TaskSource, *, episodes: int = 4, points: int = 100,
+                     inner_steps: int | None = None) -> list[dict[str, Any]]:
+    """For plots of a Gaussian-output regressor: test episodes 0..episodes-1 of `source`, each with
+    its support and query points and every predictive sample's mean and std on `points` inputs
+    evenly spaced over the episode's input range (the support sets are the evaluated ones, so
+    sampling learners draw the very samples they were scored with)."""
+    batch = source.task_batch(0, episodes)
+    low = min(float(batch.support_x.min()), float(batch.query_x.min()))
+    high = max(float(batch.support_x.max()), float(batch.query_x.max()))
+    grid = torch.linspace(low, high, points, dtype=batch.query_x.dtype, device=batch.query_x.device)
+    on_grid = TaskBatch(batch.support_x, batch.support_y, grid.view(1, points, 1).expand(episodes, points, 1),
+                        torch.zeros(episodes, points, 1, dtype=batch.query_y.dtype, device=batch.query_y.device))
+    with contextlib.ExitStack() as stack:
+        for learner in learners:
+            stack.enter_context(learner.evaluation())
+        means, stds = gaussian_parameters(ensemble_samples(learners, on_grid, inner_steps))  # (T, points, S, 1)
+    listed = lambda t: t.squeeze(-1).tolist()  # noqa: E731
+    return [{"support_x": listed(batch.support_x[t].cpu()), "support_y": listed(batch.support_y[t].cpu()),
+             "query_x": listed(batch.query_x[t].cpu()), "query_y": listed(batch.query_y[t].cpu()), "x": grid.tolist(),
+             "means": means[t, :, :, 0].T.cpu().tolist(), "stds": stds[t, :, :, 0].T.cpu().tolist()}
+            for t in range(episodes)]
 
 
 def evaluate_under_attack(learner: Learner, source: TaskSource, attack: Attack, episodes: int = 1000, *,

@@ -4,7 +4,8 @@ A run directory holds `config.json`, `metrics.csv`, `results.json` once the run 
 `evals/*.json` from later `fastadapt eval` calls. `write_report` reads and checks every run first,
 then writes `learning_curves.png`, `accuracy_vs_inner_steps.png`, `accuracy_vs_shots.png`,
 `robustness.png` (when a run holds `robustness/*.json` from `fastadapt robustness`),
-`reliability.png` (when a run holds classification evaluations, which record calibration) and `report.md`
+`reliability.png` (when a run holds classification evaluations, which record calibration),
+`predictive_bands.png` (when a run holds evaluations of a Gaussian-output regressor) and `report.md`
 into the output folder, each file atomically. Plotting needs matplotlib (the `report`
 extra); importing this module does not.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..io import atomic_path
-from .calibration_report import CalibrationResult, calibration_table, plot_reliability, read_calibration
+from .calibration_report import CalibrationResult, calibration_table, plot_bands, plot_reliability, read_calibration
 from .robustness_report import RobustnessResult, plot_robustness, read_robustness, robustness_table
 from .trainer import METRIC_COLUMNS
 
@@ -70,12 +71,13 @@ class ReportFiles:
     accuracy_vs_shots: Path
     robustness: Path | None = None  # written when a run holds robustness results
     reliability: Path | None = None  # written when a run holds classification evaluations with reliability bins
+    bands: Path | None = None  # written when a run holds evaluations of a Gaussian-output regressor
 
     @property
     def paths(self) -> tuple[Path, ...]:
         """Every file written, the Markdown report first."""
         written = (self.markdown, self.learning_curves, self.accuracy_vs_inner_steps, self.accuracy_vs_shots)
-        return written + tuple(p for p in (self.robustness, self.reliability) if p is not None)
+        return written + tuple(p for p in (self.robustness, self.reliability, self.bands) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -587,6 +589,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> ReportFiles:
     if plot_reliability([result for run in runs for result in run.calibration], out_dir / "reliability.png"):
         files = dataclasses.replace(files, reliability=out_dir / "reliability.png")
         images.append(("reliability diagrams", "reliability.png"))
+    if plot_bands([result for run in runs for result in run.calibration], out_dir / "predictive_bands.png"):
+        files = dataclasses.replace(files, bands=out_dir / "predictive_bands.png")
+        images.append(("predictive samples and 90% bands", "predictive_bands.png"))
     with atomic_path(files.markdown) as tmp:
         tmp.write_text(markdown_report(runs, images))
     return files
