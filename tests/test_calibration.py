@@ -214,6 +214,7 @@ def test_eval_reports_calibration_and_applies_the_fitted_temperature(run, tmp_pa
     assert scaled["temperature"] == fitted["temperature"] != 1.0
     assert scaled["metrics"]["accuracy"] == plain["metrics"]["accuracy"]  # one model: the argmax is unchanged
     assert scaled["metrics"]["loss"]["mean"] != plain["metrics"]["loss"]["mean"]
+    assert scaled["uncalibrated"] == plain["metrics"]  # from the same predictions
     assert len(list((run / "evals").glob("*-10ep-calibrated.json"))) == 1
     with pytest.raises(ConfigError, match=r"no temperature was fitted .* 3-way 2-shot.*fastadapt calibrate .* --shots 2"):
         fastadapt.evaluate(run, episodes=4, shots=2, calibrated=True)

@@ -127,8 +127,8 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     samples or an ensemble's members): accuracy, NLL (`loss`), Brier, and the calibration errors
     ECE, MCE and adaptive ECE (15 bins, pooled over all queries; `training.evaluate.evaluate_calibration`),
     with the reliability diagram's bins. `calibrated=True` divides the logits by the temperature
-    `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps.
-    A regression run with a Gaussian output (`likelihood: gaussian`) is scored on its predictive
+    `calibrate` fitted on validation episodes at the same ways / shots / queries / inner steps (the
+    same predictions' uncalibrated metrics in `uncalibrated`). A regression run with a Gaussian output (`likelihood: gaussian`) is scored on its predictive
     mixture: NLL (`loss`), MSE, CRPS, interval coverage at 50/90/95% and the quantile calibration
     error, with the PIT histogram and the predictive samples of four episodes (`bands`, for plots). `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
     ensemble of this run and them, their probabilities averaged (each member's best checkpoint).
@@ -158,7 +158,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     extra: dict[str, Any] = {}
     with torch_threads(config.threads):  # the run's own thread count, as in training
         if config.task == "classification":
-            summary = evaluate_calibration(learners, tasks, episodes, inner_steps=steps,
+            summary = evaluate_calibration(learners, tasks, episodes, inner_steps=steps, also_uncalibrated=calibrated,
                                            temperature=1.0 if temperature is None else temperature["temperature"])
             estimates = {k: Estimate(mean, ci, summary.episodes) for k, (mean, ci) in summary.estimates.items()}
             extra = {"temperature": None if temperature is None else temperature["temperature"], **summary.extra}

@@ -283,6 +283,10 @@ def _dispatch(args: argparse.Namespace) -> None:
                 print("  calibration" + scaled + ": " + ", ".join(
                     f"{name} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"
                     for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
+            if "uncalibrated" in result:
+                print("  before scaling: " + ", ".join(
+                    f"{name} {result['uncalibrated'][name]['mean']:.4f} +- {result['uncalibrated'][name]['ci95']:.4f}"
+                    for name in ("ece", "mce", "adaptive_ece", "loss", "brier")).replace("loss", "nll"))
             if "picp90" in result["metrics"]:
                 print("  uncertainty: " + ", ".join(
                     f"{label} {result['metrics'][name]['mean']:.4f} +- {result['metrics'][name]['ci95']:.4f}"

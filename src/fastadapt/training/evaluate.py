@@ -127,12 +127,14 @@ def ensemble_samples(learners: Sequence[Learner], batch: TaskBatch, inner_steps:
 
 
 def evaluate_calibration(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *, batch_size: int = 32,
-                         inner_steps: int | None = None, temperature: float = 1.0, resamples: int = RESAMPLES
-                         ) -> Summary:
+                         inner_steps: int | None = None, temperature: float = 1.0, resamples: int = RESAMPLES,
+                         also_uncalibrated: bool = False) -> Summary:
     """Accuracy, NLL (`loss`), Brier, ECE, MCE and adaptive ECE (`calibration.classification_summary`:
     binned errors pooled over every query, their intervals bootstrapped over episodes) of the
     predictive distribution of a classifier, or the mean of several (`evaluate_ensemble`), on test
     episodes 0..episodes-1 of `source`; every sample's logits divided by `temperature` first.
+    `also_uncalibrated`: the same at temperature 1 from the same predictions, in
+    `extra["uncalibrated"]` (no second evaluation).
 
     Example:
         >>> from fastadapt import ProtoNet, EpisodeSampler
@@ -146,10 +148,17 @@ def evaluate_calibration(learners: Sequence[Learner], source: TaskSource, episod
     if ensemble_kind(learners) != "classification":
         raise ValueError("calibration of class probabilities needs classifiers; regression learners with a Gaussian "
                          "output are measured by evaluate_regression_calibration")
-    collected = collect_over_episodes(
-        lambda batch, start: {"probs": predictive_probs(ensemble_samples(learners, batch, inner_steps), temperature),
-                              "labels": batch.query_y.cpu()}, source, episodes, batch_size, learners)
-    return classification_summary(collected["probs"].cpu(), collected["labels"], resamples=resamples, seed=source.seed)
+    def probabilities(batch: TaskBatch, start: int) -> dict[str, Tensor]:
+        samples = ensemble_samples(learners, batch, inner_steps)
+        return {"probs": predictive_probs(samples, temperature).cpu(), "labels": batch.query_y.cpu(),
+                **({"plain": predictive_probs(samples).cpu()} if also_uncalibrated else {})}
+
+    collected = collect_over_episodes(probabilities, source, episodes, batch_size, learners)
+    summary = classification_summary(collected["probs"], collected["labels"], resamples=resamples, seed=source.seed)
+    if also_uncalibrated:
+        plain = classification_summary(collected["plain"], collected["labels"], resamples=resamples, seed=source.seed)
+        summary.extra["uncalibrated"] = {k: {"mean": m, "ci95": c} for k, (m, c) in plain.estimates.items()}
+    return summary
 
 
 def evaluate_regression_calibration(learners: Sequence[Learner], source: TaskSource, episodes: int = 1000, *,
