@@ -86,8 +86,9 @@ def plot_reliability(results: Sequence[CalibrationResult], path: Path) -> bool:
         accuracy = [a if a is not None else 0.0 for a in bins["accuracy"]]
         confidence = [c if c is not None else left + width / 2 for c, left in zip(bins["confidence"], lefts)]
         ax.bar(lefts, accuracy, width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy")
-        ax.bar(lefts, [c - a if n else 0.0 for c, a, n in zip(confidence, accuracy, bins["count"])], bottom=accuracy,
-               width=width, align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.bar(lefts, [abs(c - a) if n else 0.0 for c, a, n in zip(confidence, accuracy, bins["count"])],
+               bottom=[min(c, a) for c, a in zip(confidence, accuracy)], width=width, align="edge", color="none",
+               edgecolor="tab:red", hatch="//", linewidth=0.5, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], color="black", linewidth=1, linestyle="--")
         total = sum(bins["count"]) or 1
         ax.step(edges, [0.0] + [n / total for n in bins["count"]], where="pre", color="tab:gray", linewidth=1,
@@ -144,10 +145,13 @@ def calibration_table(results: Sequence[CalibrationResult]) -> list[str]:
     lines = lines + ([""] if lines else []) + ["## Calibration", "", "| evaluation | episodes | accuracy % | ECE % | MCE % | adaptive ECE % | NLL | Brier |",
              "|---|---|---|---|---|---|---|---|"]
     for result in results:
-        m = result["metrics"]
-        percent = [f"{100 * m[k]['mean']:.2f} +- {100 * m[k]['ci95']:.2f}" for k in ("accuracy", "ece", "mce", "adaptive_ece")]
-        plain = [f"{m[k]['mean']:.4f} +- {m[k]['ci95']:.4f}" for k in ("loss", "brier")]
-        lines.append(f"| {calibration_label(result)} | {result.get('episodes', '-')} | " + " | ".join(percent + plain) + " |")
+        rows = [(calibration_label(result), result["metrics"])]
+        if isinstance(result.get("uncalibrated"), dict):  # the same predictions before scaling
+            rows.insert(0, (calibration_label({**result, "temperature": None}) + ", before scaling", result["uncalibrated"]))
+        for label, m in rows:
+            percent = [f"{100 * m[k]['mean']:.2f} +- {100 * m[k]['ci95']:.2f}" for k in ("accuracy", "ece", "mce", "adaptive_ece")]
+            plain = [f"{m[k]['mean']:.4f} +- {m[k]['ci95']:.4f}" for k in ("loss", "brier")]
+            lines.append(f"| {label} | {result.get('episodes', '-')} | " + " | ".join(percent + plain) + " |")
     return lines
 
 
