@@ -135,6 +135,8 @@ def test_probabilistic_keys_are_checked_per_learner():
         Config(algorithm="bmaml", eval_samples=10)
     with pytest.raises(ConfigError, match=r"samples=3 .*appl.* to algorithms vampire, platipus, bmaml, not 'maml'"):
         Config(algorithm="maml", samples=3)
+    with pytest.raises(ConfigError, match="precision 'bf16' is not implemented for platipus"):
+        Config(algorithm="platipus", precision="bf16")
     assert Config(algorithm="vampire").effective_samples == 2 and Config(algorithm="vampire").effective_eval_samples == 10
 
 

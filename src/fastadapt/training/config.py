@@ -476,7 +476,7 @@ def _check_execution(config: Config) -> None:
     if config.algorithm not in MAML_FAMILY and (config.compile or config.checkpoint_inner_loop):
         raise ConfigError("compile and checkpoint_inner_loop apply to the MAML family (an unrolled inner loop); "
                           f"set them to false for {config.algorithm}")
-    if config.algorithm in ("imaml", "baseline", "reptile", "matchingnet") and config.precision != "fp32":
+    if config.algorithm in ("imaml", "baseline", "reptile", "matchingnet", *PROBABILISTIC) and config.precision != "fp32":
         raise ConfigError(f"precision {config.precision!r} is not implemented for {config.algorithm}; "
                           "use precision: fp32")
     if config.task_workers > 1 and config.algorithm not in _TASK_WORKER_ALGORITHMS:
