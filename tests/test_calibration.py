@@ -364,3 +364,17 @@ def test_sines_and_lines_tasks_are_both_kinds_and_repeat():
         residuals.append(float((design @ coefficients - y.unsqueeze(1)).std()))
     lines = sum(r < 0.4 for r in residuals)
     assert 10 <= lines <= 30
+
+
+def test_ood_scores_another_datasets_tasks_by_predictive_entropy(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTADAPT_CACHE", str(tmp_path / "cache"))
+    noise = tmp_path / "noise"
+    _bars(noise / "train", 8, 0, seed=5, noise=True)
+    _bars(noise / "test", 4, 8, seed=6, noise=True)
+    found = fastadapt.detect_ood(run, against=f"folder:{noise}", episodes=12)
+    assert found["episodes"] == 12 and 0.0 <= found["auroc"] <= 1.0 and found["ci95"] >= 0
+    assert found["entropy"]["in"]["mean"] >= 0 and (run / "ood").is_dir()
+    assert fastadapt.detect_ood(run, against=f"folder:{noise}", episodes=12) == found  # the same numbers twice
+    fitted = fastadapt.calibrate(run, episodes=6)
+    assert fastadapt.detect_ood(run, against=f"folder:{noise}", episodes=4, calibrated=True)["temperature"] == \
+        fitted["temperature"]
