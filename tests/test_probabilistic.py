@@ -184,3 +184,17 @@ def test_samples_run_as_one_batched_graph_equal_to_one_call_each(float64):
         return torch.autograd.grad(sum(g.sum() for g in first), list(weights.values()), materialize_grads=True)
 
     assert all(torch.allclose(a, b, atol=1e-8) for a, b in zip(second_order(batched), second_order(looped)))
+
+
+def test_eval_takes_another_sample_count_for_sampling_learners(tmp_path):
+    run = tmp_path / "run"
+    fastadapt.train({"algorithm": "vampire", "likelihood": "gaussian", "iterations": 3, "eval_episodes": 2,
+                     "meta_batch": 2, "threads": 1, "shots": 5, "queries": 5, "eval_queries": 5}, run, progress=False)
+    result = fastadapt.evaluate(run, episodes=4, samples=3)
+    assert result["samples"] == 3 and len(result["bands"][0]["means"]) == 3
+    assert (run / "evals" / "sinusoid-5w5s-1steps-3samples-4ep.json").is_file()
+    assert fastadapt.evaluate(run, episodes=4)["samples"] == 10
+    maml = tmp_path / "maml"
+    fastadapt.train({"iterations": 2, "eval_episodes": 2, "meta_batch": 2, "threads": 1}, maml, progress=False)
+    with pytest.raises(ConfigError, match="samples applies to vampire and platipus runs"):
+        fastadapt.evaluate(maml, episodes=4, samples=3)

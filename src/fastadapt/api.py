@@ -19,7 +19,7 @@ from .io import read_json, write_json
 from .runtime import torch_threads
 from .training.checkpoint import (CheckpointError, ensemble_checkpoints, latest_checkpoint, load_checkpoint,
                                   load_module_tensors, ranked_validation_steps)
-from .training.config import Config, ConfigError
+from .training.config import PROBABILISTIC, Config, ConfigError
 from .data.sampler import DeviceTasks, TaskSource
 from .robust import Attack, NoisyLabels
 from .robust.corruptions import WHERE, check_corruption
@@ -110,7 +110,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
              queries: int | None = None, inner_steps: int | None = None, device: str | None = None,
              ensemble: int = 1, threads: int | None = None, imaml_lambda: float | None = None,
              task_workers: int | None = None, dataset: str | None = None, calibrated: bool = False,
-             members: Sequence[PathLike] = ()) -> dict[str, Any]:
+             members: Sequence[PathLike] = (), samples: int | None = None) -> dict[str, Any]:
     """Evaluates a trained run (its best checkpoint, else its newest) on fixed test episodes, on
     `device` with `threads` torch threads and `task_workers` episode batches at once (default: the
     run's own; see `evaluate_learner`). With `ensemble=K`, the mean
@@ -132,6 +132,7 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     mixture: NLL (`loss`), MSE, CRPS, interval coverage at 50/90/95% and the quantile calibration
     error, with the PIT histogram and the predictive samples of four episodes (`bands`, for plots). `members`: other runs of the same algorithm, dataset, backbone and ways (other seeds): a deep
     ensemble of this run and them, their probabilities averaged (each member's best checkpoint).
+    `samples`: a VAMPIRE or PLATIPUS run's weight samples per episode (default: its `eval_samples`).
     Writes `RUN_DIR/evals/<...>.json` and returns it.
 
     Example:
@@ -147,6 +148,12 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
     _check_ways(config, ways)
     if ensemble < 1:
         raise ConfigError(f"ensemble must be >= 1 (how many of the best validated checkpoints), got {ensemble}")
+    own_samples = config.effective_eval_samples
+    if samples is not None:
+        if config.algorithm not in ("vampire", "platipus"):
+            raise ConfigError(f"samples applies to vampire and platipus runs (weight samples per episode); {run_dir} is "
+                              f"a {config.algorithm} run" + (" (its particles are its samples)" if config.algorithm == "bmaml" else ""))
+        config = config.replace(eval_samples=samples)
     checkpoints = _evaluated_checkpoints(run_dir, ensemble)
     learners = [_restored(config, tensors, source) for tensors, source in checkpoints]
     learners += _member_learners(config, members, device=device, threads=threads)
@@ -180,14 +187,16 @@ def evaluate(run_dir: PathLike, *, episodes: int = 1000, ways: int | None = None
         "mean": estimates[metric].mean, "ci95": estimates[metric].ci95,
         "ensemble": ensemble, "checkpoints": [path.name for _, path in checkpoints],
         **({"members": [str(m) for m in members]} if members else {}),
+        **({"samples": config.effective_eval_samples} if config.algorithm in PROBABILISTIC else {}),
         "metrics": {k: {"mean": e.mean, "ci95": e.ci95} for k, e in estimates.items()}, **extra,
     }
     other_queries = f"-{queries}q" if queries != config.eval_queries else ""  # the run's own: the older name
     top = f"-top{ensemble}" if ensemble > 1 else ""
     other_lambda = (f"-lambda{imaml_test_lambda:g}" if imaml_test_lambda is not None
                     and imaml_test_lambda != config.imaml_lambda else "")
+    other_samples = f"-{samples}samples" if samples is not None and samples != own_samples else ""
     tag = (f"{_file_name(dataset or config.dataset)}-{ways}w{shots}s{other_queries}-{result['inner_steps'] or 0}steps{other_lambda}"
-           f"-{episodes}ep{top}{_members_tag(members)}{'-calibrated' if calibrated else ''}")
+           f"{other_samples}-{episodes}ep{top}{_members_tag(members)}{'-calibrated' if calibrated else ''}")
     write_json(run_dir / "evals" / f"{tag}.json", result)
     return result
 

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the run must keep them: keep_best >= K); default 1, the best checkpoint alone")
     ev.add_argument("--members", type=Path, nargs="+", default=[], metavar="RUN",
                     help="other runs (other seeds) forming a deep ensemble with RUN_DIR: probabilities averaged")
+    ev.add_argument("--samples", type=_flag_type("eval_samples"), metavar="S",
+                    help="vampire, platipus: weight samples per episode (default: the run's eval_samples)")
     ev.add_argument("--calibrated", action="store_true",
                     help="classification: divide the logits by the temperature `fastadapt calibrate` fitted on "
                          "validation episodes at the same setting")
@@ -268,7 +270,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             result = evaluate(args.run_dir, episodes=args.episodes, ways=args.ways, shots=args.shots,
                               queries=args.queries, inner_steps=steps, device=args.device, ensemble=args.ensemble,
                               threads=args.threads, imaml_lambda=args.imaml_lambda, task_workers=args.task_workers,
-                              dataset=args.dataset, calibrated=args.calibrated, members=args.members)
+                              dataset=args.dataset, calibrated=args.calibrated, members=args.members,
+                              samples=args.samples)
             ways = f"{result['ways']}-way " if result["metric"] == "accuracy" else ""
             label = f"{ways}{result['shots']}-shot" + (
                 f", {result['inner_steps']} inner step{'s' if result['inner_steps'] != 1 else ''}" if result["inner_steps"] else "") + (
