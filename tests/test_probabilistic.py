@@ -198,3 +198,14 @@ def test_eval_takes_another_sample_count_for_sampling_learners(tmp_path):
     fastadapt.train({"iterations": 2, "eval_episodes": 2, "meta_batch": 2, "threads": 1}, maml, progress=False)
     with pytest.raises(ConfigError, match="samples applies to vampire and platipus runs"):
         fastadapt.evaluate(maml, episodes=4, samples=3)
+
+
+def test_the_command_line_trains_a_sampling_regressor_with_a_gaussian_output(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fastadapt.cli", "run", "--algo", "vampire", "--likelihood", "gaussian",
+                           "--iterations", "2", "--meta-batch", "2", "--eval-episodes", "3", "--threads", "1",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "test mse:" in done.stdout and "pre-adaptation" not in done.stdout  # VAMPIRE logs no loss before adapting

@@ -224,9 +224,10 @@ def _printer(config: Config) -> Callable[[dict[str, Any]], None]:
 
 
 def _summary(results: dict[str, Any], run_dir: Path) -> None:
-    if results["metric"] == "mse":
+    if results["metric"] == "mse" and "loss_before" in results["metrics"]:
         before, after = results["metrics"]["loss_before"], results["metrics"]["loss"]
-        print(f"pre-adaptation mse {before['mean']:.4f} +- {before['ci95']:.4f}  ->  post-adaptation mse "
+        loss = "nll" if "mse" in results["metrics"] else "mse"  # a Gaussian output's loss is its NLL
+        print(f"pre-adaptation {loss} {before['mean']:.4f} +- {before['ci95']:.4f}  ->  post-adaptation {loss} "
               f"{after['mean']:.4f} +- {after['ci95']:.4f}  (95% CI, {results['episodes']} test episodes)")
     print(f"test {results['metric']}: {results['mean']:.4f} +- {results['ci95']:.4f} (95% CI over "
           f"{results['episodes']} episodes)  wall time {results['wall_time_s']:.1f} s  -> {run_dir / 'results.json'}")
