@@ -69,9 +69,12 @@ def test_a_run_with_task_workers_trains_exactly_as_its_one_thread_twin(tmp_path,
     assert _rows(tmp_path / "workers") == _rows(tmp_path / "alone")
     assert _same(_weights(tmp_path / "workers", 6), _weights(tmp_path / "alone", 6))
     assert (workers["mean"], workers["ci95"]) == (alone["mean"], alone["ci95"])
+    single = fastadapt.evaluate(tmp_path / "alone", episodes=70, task_workers=1)
     seen.clear()
     again = fastadapt.evaluate(tmp_path / "alone", episodes=70, task_workers=2)  # `fastadapt eval --task-workers`
-    assert seen == [2] and (again["mean"], again["ci95"]) == (alone["mean"], alone["ci95"])
+    assert seen == [2] and again["metrics"] == single["metrics"]
+    # (eval scores the predictive probabilities in float64, the run's test its float32 logits: the same accuracy)
+    assert again["mean"] == pytest.approx(alone["mean"], abs=1e-7)
 
 
 @needs_omniglot

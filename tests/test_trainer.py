@@ -209,7 +209,7 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
         ("shots=0", "shots must be an integer >= 1, got 0"),
         ("shots=2.0", "shots must be an integer >= 1, got 2.0 (float)"),
         ("algorithm=mama", "algorithm must be one of maml, fomaml, metasgd, anil, protonet, imaml, baseline, maml++, "
-                           "reptile, matchingnet; got 'mama'"),
+                           "reptile, matchingnet, vampire, platipus, bmaml; got 'mama'"),
         ("meta_lr=-1", "meta_lr must be a number > 0, got -1 (int)"),
         ("validation_characters=0", "validation_every > 0 on omniglot needs validation_characters > 0"),
         ("precision=fp16", "precision must be one of fp32, bf16; got 'fp16'"),
