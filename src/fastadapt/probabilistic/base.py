@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..algorithms.base import Learner, module_mode
 from ..algorithms.objectives import TaskKind, check_kind, predictive_mean
 from ..data.episodes import TaskBatch
-from ..functional import Params
+from ..functional import Params, loss_with_grads
 from ..functional.task_batched import looped_forward, task_batched_forward
 from .sampling import EVALUATION, TRAINING, generator, task_checksum
 
@@ -98,6 +98,26 @@ class SamplingLearner(Learner):
     def evaluation_generator(self, support_x: Tensor, support_y: Tensor) -> torch.Generator:
         """The generator of the episode with this support set."""
         return generator(self.seed, EVALUATION, task_checksum(support_x, support_y))
+
+    def taskwise_meta_loss(self, tasks: int, task_loss: Callable[[int], tuple[Tensor, dict[str, Tensor]]]
+                           ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean of `task_loss(t) -> (loss, metrics)` over `tasks` tasks, each task's loss
+        back-propagated as soon as it exists (one task's graph alive at a time): a loss whose
+        `backward()` deposits the summed gradients, and the tasks' metrics averaged. Advances the draws.
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        totals = [torch.zeros_like(p) for p in trainable]
+        losses, rows = [], []
+        for t in range(tasks):
+            loss, row = task_loss(t)
+            if torch.is_grad_enabled():
+                grads = torch.autograd.grad(loss / tasks, trainable, allow_unused=True)
+                totals = [total if g is None else total + g for total, g in zip(totals, grads)]
+            losses.append(loss.detach())
+            rows.append(row)
+        self.advance()
+        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+        return loss_with_grads(torch.stack(losses).mean(), trainable, totals), metrics
 
     def advance(self) -> None:
         """One outer step drawn: the next meta_loss draws afresh (only with gradients on)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
-from ..functional import Params, adapt, loss_with_grads
+from ..functional import Params, adapt
 from .base import SamplingLearner, check_count, stacked_forward
 from .svgd import svgd
 
@@ -97,23 +97,15 @@ class BMAML(SamplingLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean chaser loss over the tasks, back-propagated task by task; metrics of the
         chaser's predictive mean on the query set."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        totals = [torch.zeros_like(p) for p in trainable]
-        losses, rows = [], []
-        for t in range(len(batch)):
+        def task(t: int) -> tuple[Tensor, dict[str, Tensor]]:
             ep = batch[t]
             loss, chaser, _, support_loss = self.chaser_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y)
-            if torch.is_grad_enabled():
-                grads = torch.autograd.grad(loss / len(batch), trainable, allow_unused=True)
-                totals = [g_sum if g is None else g_sum + g for g_sum, g in zip(totals, grads)]
             with torch.no_grad():
                 outputs = stacked_forward(self.model)(chaser, ep.query_x)
             row = task_metrics(self.task, predictive_mean(self.task, outputs, 0), ep.query_y)
-            rows.append({**row, "chaser_loss": loss.detach(), "support_loss": support_loss.detach()})
-            losses.append(loss.detach())
-        self.advance()
-        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
-        return loss_with_grads(torch.stack(losses).mean(), trainable, totals), metrics
+            return loss, {**row, "chaser_loss": loss.detach(), "support_loss": support_loss.detach()}
+
+        return self.taskwise_meta_loss(len(batch), task)
 
     def chaser_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                     leader: Params | None = None) -> tuple[Tensor, Params, Params, Tensor]:

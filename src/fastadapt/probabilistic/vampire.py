@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
-from ..functional import Params, adapt, loss_with_grads, sgd
+from ..functional import Params, adapt, sgd
 from .base import SamplingLearner, check_count, stacked_forward
 from .gaussian import kl_divergence, log_std_like, reparameterised
 from .sampling import gaussian_noise
@@ -102,24 +102,16 @@ class VAMPIRE(SamplingLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean outer loss (expected query loss + kl_weight * KL) over the tasks, back-propagated
         task by task (one task's graph alive at a time); metrics of the predictive mean."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        totals = [torch.zeros_like(p) for p in trainable]
-        losses, rows = [], []
-        for t in range(len(batch)):
+        def task(t: int) -> tuple[Tensor, dict[str, Tensor]]:
             ep = batch[t]
             noise = self._noise(self.inner_steps, self.samples, self.training_generator(t))
             mean, log_std, support_loss = self.posterior(ep.support_x, ep.support_y, self.inner_steps, noise,
                                                          self.first_order)
             loss, kl, outputs = self._negative_elbo(mean, log_std, noise[-1], ep.query_x, ep.query_y, self.prior())
-            if torch.is_grad_enabled():
-                grads = torch.autograd.grad(loss / len(batch), trainable, allow_unused=True)
-                totals = [g_sum if g is None else g_sum + g for g_sum, g in zip(totals, grads)]
-            losses.append(loss.detach())
             row = task_metrics(self.task, predictive_mean(self.task, outputs.detach(), 0), ep.query_y)
-            rows.append({**row, "kl": kl.detach(), "support_loss": support_loss.detach()})
-        self.advance()
-        metrics = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
-        return loss_with_grads(torch.stack(losses).mean(), trainable, totals), metrics
+            return loss, {**row, "kl": kl.detach(), "support_loss": support_loss.detach()}
+
+        return self.taskwise_meta_loss(len(batch), task)
 
     def task_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None, samples: int,
                      gen: torch.Generator) -> Params:
