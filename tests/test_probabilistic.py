@@ -159,7 +159,8 @@ def test_a_probabilistic_run_repeats_and_resumes_exactly(name, tmp_path):
 @pytest.mark.skipif(not (OMNIGLOT / "images_background.zip").is_file(), reason="needs ../shared/data/omniglot")
 @pytest.mark.parametrize("name", ["vampire", "platipus", "bmaml"])
 def test_each_probabilistic_learner_learns_omniglot_far_above_chance(name, tmp_path):
-    result = fastadapt.train({"algorithm": name, "dataset": "omniglot", "backbone": "conv4", "ways": 5, "shots": 1,
+    result = fastadapt.train({"algorithm": name, "dataset": "omniglot", "data_root": str(OMNIGLOT.parent),
+                              "backbone": "conv4", "ways": 5, "shots": 1,
                               "queries": 1, "eval_queries": 3, "inner_lr": 0.4, "meta_lr": 0.003, "meta_batch": 6,
                               "iterations": 50, "eval_episodes": 20, "eval_inner_steps": 3, "threads": 1,
                               "samples": 2, **({} if name == "bmaml" else {"eval_samples": 4})}, tmp_path / name,
@@ -167,16 +168,18 @@ def test_each_probabilistic_learner_learns_omniglot_far_above_chance(name, tmp_p
     assert result["mean"] > 0.45, result["mean"]  # chance: 0.2
 
 
-def test_samples_run_as_one_batched_graph_equal_to_one_call_each(float64):
+@pytest.mark.parametrize("model_name", ["conv4", "mlp"])
+def test_samples_run_as_one_batched_graph_equal_to_one_call_each(float64, model_name):
     from fastadapt.functional.task_batched import looped_forward
-    from fastadapt.nn import Conv4
+    from fastadapt.nn import MLP, Conv4
     from fastadapt.probabilistic.base import stacked_forward
 
     torch.manual_seed(0)
-    model = Conv4.omniglot(ways=5).double()
+    # conv4: one grouped-convolution graph; mlp: vmap over the weight sets
+    model = (Conv4.omniglot(ways=5) if model_name == "conv4" else MLP(1, [8, 8], 2)).double()
     weights = {n: (p.detach().unsqueeze(0) + 0.05 * torch.randn(3, *p.shape)).requires_grad_()
                for n, p in model.named_parameters()}
-    x = torch.rand(5, 1, 28, 28)
+    x = torch.rand(5, 1, 28, 28) if model_name == "conv4" else torch.randn(5, 1)
     batched, looped = stacked_forward(model)(weights, x), looped_forward(model)(weights, x.expand(3, *x.shape))
     assert torch.allclose(batched, looped, atol=1e-10)
     def second_order(out):  # d/dw of the sum of the first-order gradient (conv biases before BatchNorm: unused)

@@ -184,6 +184,23 @@ def test_seams_on_the_vmap_path_when_asked_for():
     assert_grads_close(engine(vmapped, batch), engine(auto, batch))
 
 
+def test_per_task_initial_parameters_run_vmapped_for_a_vmap_safe_model():
+    torch.manual_seed(1)
+    model = MLP(1, [8, 8], 1).double()
+    auto = MAML(model, inner_lr=0.1, inner_steps=2, task="regression")
+    per_task = MAML(model, inner_lr=0.1, inner_steps=2, task="regression", execution="per-task")
+    g = torch.Generator().manual_seed(3)
+    batch = TaskBatch(*(torch.randn(4, 6, 1, generator=g) for _ in range(4)))
+    spread = torch.tensor(0.3, requires_grad=True)
+    noise = torch.randn(4, *model.head.weight.shape, generator=g)
+    assert auto.plan(batch).path == "vmap"
+    got = engine(auto, batch, initial={"head.weight": model.head.weight + spread * noise})
+    got_spread, spread.grad = spread.grad, None
+    expected = engine(per_task, batch, initial={"head.weight": model.head.weight + spread * noise})
+    assert_grads_close(got, expected)
+    assert torch.allclose(got_spread, spread.grad, rtol=1e-9, atol=1e-12) and spread.grad.abs() > 0
+
+
 def test_bad_initial_parameters_are_refused():
     learner = MAML(_conv4(), inner_lr=0.3)
     with pytest.raises(ValueError, match=r"initial\['head.bias'\] must have shape \(3, 3\)"):

@@ -408,7 +408,7 @@ class GradientLearner(Learner):
         first_order, weights = self.uses_first_order(), self.step_weights()
         initial = self._check_initial(initial, len(batch))
         with fixed_structure(self.model):
-            plan = self.plan(batch, per_task_initial=bool(initial))
+            plan = self.plan(batch)
             if plan.path == "vmap":
                 losses, metrics = self._vmapped(batch, self.inner_steps, first_order, weights, initial)
                 result = losses.mean(), {k: v.mean() for k, v in metrics.items()}
@@ -432,8 +432,9 @@ class GradientLearner(Learner):
                 raise ValueError(f"initial[{name!r}] must have shape {expected} (one per task), got {tuple(value.shape)}")
         return dict(initial)
 
-    def plan(self, batch: TaskBatch, per_task_initial: bool = False) -> Plan:
-        """How `meta_loss(batch)` runs now, and why (`functional.planner`).
+    def plan(self, batch: TaskBatch) -> Plan:
+        """How `meta_loss(batch)` runs now, and why (`functional.planner`). Per-task initial
+        parameters are data, not functions of yours: they run on whatever path the batch would.
 
         Example:
             >>> import torch
@@ -444,8 +445,7 @@ class GradientLearner(Learner):
         """
         trainable = any(p.requires_grad for p in self.parameters())
         yours = [what for what, on in (("a loss_fn", self.loss_fn is not None or self.inner_loss_fn is not None),
-                                       ("hooks or terms", self.seams.active),
-                                       ("per-task initial parameters", per_task_initial)) if on]
+                                       ("hooks or terms", self.seams.active)) if on]
         return plan_meta_batch(self.model, batch, request=self.execution, user_functions=", ".join(yours) or None,
                                differentiate=torch.is_grad_enabled() and trainable,
                                per_task_statistics=self.step_norm is not None and self.step_norm.statistics,

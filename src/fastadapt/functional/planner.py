@@ -101,8 +101,8 @@ def plan_meta_batch(model: nn.Module, batch: TaskBatch, *, request: Execution, d
             per-step running statistics), which needs one task at a time.
         task_group: tasks per group; None: `CPU_TASK_GROUP` on the CPU, the whole batch on a GPU.
         task_workers: task groups at once in threads on the CPU, where the forward is thread-safe.
-        user_functions: what of the user's runs inside the inner loop (a loss, hooks, per-task
-            initial parameters), not known to be vmap-safe: "auto" does not vmap it.
+        user_functions: what of the user's runs inside the inner loop (a loss, hooks, extra
+            terms), not known to be vmap-safe: "auto" does not vmap it.
     """
     reasons: list[str] = []
     if request == "vmap" or (request == "auto" and not user_functions):

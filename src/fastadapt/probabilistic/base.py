@@ -24,11 +24,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 
 from ..algorithms.base import Learner, module_mode
 from ..algorithms.objectives import TaskKind, check_kind, predictive_mean
 from ..data.episodes import TaskBatch
-from ..functional import Params, loss_with_grads
+from ..functional import Params, forward, loss_with_grads
+from ..functional.planner import vmap_exact
 from ..functional.task_batched import looped_forward, task_batched_forward
 from .sampling import EVALUATION, TRAINING, generator, task_checksum
 
@@ -37,11 +39,14 @@ __all__ = ["SamplingLearner", "SampledPredictor", "stacked_forward", "check_coun
 
 def stacked_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
     """`run(params (S, *p.shape), x (N, ...)) -> (S, N, out)`: the model under S weight sets at
-    once on the same inputs, as one grouped-convolution graph where the model's structure allows
-    (`functional.task_batched`), else one call per weight set (exact either way, to second order)."""
+    once on the same inputs: one grouped-convolution graph where the model's structure allows
+    (`functional.task_batched`), `torch.func.vmap` over the weight sets for a vmap-exact model
+    (`functional.planner.vmap_exact`), else one call per weight set (exact each way, to second order)."""
     def run(params: Params, x: Tensor) -> Tensor:
         samples = next(iter(params.values())).shape[0]
         batched = task_batched_forward(model) if x.dim() == 4 else None
+        if batched is None and vmap_exact(model):
+            return vmap(lambda weights: forward(model, weights, x))(params)
         return (batched or looped_forward(model))(params, x.unsqueeze(0).expand(samples, *x.shape))
 
     return run

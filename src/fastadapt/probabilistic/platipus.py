@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from ..algorithms.gradient import GradientLearner
 from ..algorithms.objectives import TaskKind, task_loss
 from ..data.episodes import TaskBatch
-from ..functional import Params, forward
+from ..functional import Params
+from ..functional.task_gradients import task_gradients
 from .base import SamplingLearner, check_count
 from .gaussian import kl_divergence, log_std_like, reparameterised
 from .sampling import gaussian_noise
@@ -75,26 +76,26 @@ class PLATIPUS(SamplingLearner):
         self.gamma_q = nn.Parameter(torch.tensor(float(inner_lr)))
 
     def _stepped(self, x: Tensor, y: Tensor, gamma: Tensor, create_graph: bool) -> Params:
-        """`mu - gamma * grad L(mu; x, y)`: one differentiable gradient step from the prior mean."""
+        """`mu - gamma * grad L(mu; x[t], y[t])` for every task t (`x`: `(T, N, ...)`): one
+        differentiable gradient step from the prior mean per task, `(T, *p.shape)`, all tasks at
+        once where that is exact (`functional.task_gradients`)."""
         mu = self.maml.meta_params()
-        with torch.enable_grad():
-            loss = task_loss(self.task, forward(self.model, mu, x), y)
-            grads = torch.autograd.grad(loss, list(mu.values()), create_graph=create_graph, allow_unused=True,
-                                        materialize_grads=True)
-        return {n: p - gamma * g for (n, p), g in zip(mu.items(), grads)}
+        grads = task_gradients(self.model, mu, x, y, lambda out, target: task_loss(self.task, out, target),
+                               create_graph=create_graph)
+        return {n: p - gamma * grads[n] for n, p in mu.items()}
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """MAML's query loss from the sampled initialisations (each task `samples` times) plus
         `kl_weight` times the mean KL(q || p) over tasks."""
         prior_std = dict(zip(self.names, self.prior_log_std))
         posterior_std = dict(zip(self.names, self.posterior_log_std))
+        q_means = self._stepped(batch.query_x, batch.query_y, self.gamma_q, create_graph=True)
+        p_means = self._stepped(batch.support_x, batch.support_y, self.gamma_p, create_graph=True)
         initial: dict[str, list[Tensor]] = {n: [] for n in self.names}
         kls = []
         for t in range(len(batch)):
-            ep = batch[t]
-            q_mean = self._stepped(ep.query_x, ep.query_y, self.gamma_q, create_graph=True)
-            p_mean = self._stepped(ep.support_x, ep.support_y, self.gamma_p, create_graph=True)
-            kls.append(kl_divergence(q_mean, posterior_std, p_mean, prior_std))
+            q_mean = {n: v[t] for n, v in q_means.items()}
+            kls.append(kl_divergence(q_mean, posterior_std, {n: v[t] for n, v in p_means.items()}, prior_std))
             noise = gaussian_noise(q_mean, self.samples, self.training_generator(t))
             for n, theta in reparameterised(q_mean, posterior_std, noise).items():
                 initial[n].append(theta)
@@ -107,7 +108,8 @@ class PLATIPUS(SamplingLearner):
     def task_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None, samples: int,
                      gen: torch.Generator) -> Params:
         steps = self.maml._check_steps(steps or self.eval_inner_steps)
-        p_mean = {n: p.detach() for n, p in self._stepped(support_x, support_y, self.gamma_p, create_graph=False).items()}
+        stepped = self._stepped(support_x.unsqueeze(0), support_y.unsqueeze(0), self.gamma_p, create_graph=False)
+        p_mean = {n: p[0].detach() for n, p in stepped.items()}
         prior_std = {n: s.detach() for n, s in zip(self.names, self.prior_log_std)}
         thetas = reparameterised(p_mean, prior_std, gaussian_noise(p_mean, samples, gen))
         adapted = []
