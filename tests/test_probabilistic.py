@@ -168,6 +168,39 @@ def test_each_probabilistic_learner_learns_omniglot_far_above_chance(name, tmp_p
     assert result["mean"] > 0.45, result["mean"]  # chance: 0.2
 
 
+def _dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("name", ["vampire", "platipus", "bmaml"])
+def test_sampling_learners_train_a_model_with_dropout(name):
+    from fastadapt.data import SinusoidTasks
+
+    make = {"vampire": VAMPIRE, "platipus": PLATIPUS, "bmaml": lambda m, lr, task: BMAML(m, lr, particles=2, task=task)}
+    learner = make[name](_dropout_mlp(), 0.01, task="regression")
+    loss, _ = learner.meta_loss(SinusoidTasks(seed=0).task_batch(0, 3))
+    loss.backward()
+    assert torch.isfinite(loss) and sum(float(p.grad.abs().sum()) for p in learner.parameters() if p.grad is not None) > 0
+
+
+def test_platipus_keeps_frozen_weights_fixed_and_the_others_refuse_them():
+    from fastadapt.data import SinusoidTasks
+
+    model = _dropout_mlp()
+    model[0].bias.requires_grad_(False)
+    learner = PLATIPUS(model, 0.01, task="regression")
+    batch = SinusoidTasks(seed=0).task_batch(0, 3)
+    q_means = learner._stepped(batch.query_x, batch.query_y, learner.gamma_q, create_graph=False)
+    assert torch.equal(q_means["0.bias"], model[0].bias.expand(3, 16))
+    assert not torch.equal(q_means["0.weight"][0], model[0].weight)
+    learner.meta_loss(batch)[0].backward()
+    assert model[0].bias.grad is None and model[3].weight.grad.abs().sum() > 0
+    for make in (VAMPIRE, BMAML):
+        with pytest.raises(ValueError, match=r"\['0.bias'\] are frozen"):
+            make(model, 0.01, task="regression")
+
+
 @pytest.mark.parametrize("model_name", ["conv4", "mlp"])
 def test_samples_run_as_one_batched_graph_equal_to_one_call_each(float64, model_name):
     from fastadapt.functional.task_batched import looped_forward

@@ -76,3 +76,26 @@ def test_without_create_graph_the_gradients_are_constants():
     model, x, y, loss_fn = _mlp_case()
     grads = task_gradients(model, dict(model.named_parameters()), x, y, loss_fn)
     assert not any(g.requires_grad for g in grads.values())
+
+
+@pytest.mark.parametrize("path", sorted(CASES))
+def test_frozen_entries_are_constants_and_every_params_entry_is_differentiated(path):
+    model, x, y, loss_fn = CASES[path]()
+    named = dict(model.named_parameters())
+    frozen_name = next(iter(named))
+    frozen = {frozen_name: named[frozen_name].detach()}
+    params = {n: p.detach() for n, p in named.items() if n != frozen_name}  # no requires_grad: still differentiated
+    got = task_gradients(model, params, x, y, loss_fn, frozen=frozen)
+    expected = _reference(model, named, x, y, loss_fn)
+    assert sorted(got) == sorted(params)
+    for n in params:
+        assert torch.allclose(got[n], expected[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_random_layers_draw_per_task_on_the_vmap_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    x = torch.randn(1, 8, 1).expand(4, 8, 1)
+    grads = task_gradients(model, dict(model.named_parameters()), x, torch.zeros(4, 8, 1), F.mse_loss)
+    first = grads["0.weight"]
+    assert not torch.allclose(first[0], first[1])  # the same task four times, four dropout masks

@@ -34,7 +34,7 @@ from ..functional.planner import vmap_exact
 from ..functional.task_batched import looped_forward, task_batched_forward
 from .sampling import EVALUATION, TRAINING, generator, task_checksum
 
-__all__ = ["SamplingLearner", "SampledPredictor", "stacked_forward", "check_count"]
+__all__ = ["SamplingLearner", "SampledPredictor", "stacked_forward", "check_count", "refuse_frozen"]
 
 
 def stacked_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
@@ -46,10 +46,23 @@ def stacked_forward(model: nn.Module) -> Callable[[Params, Tensor], Tensor]:
         samples = next(iter(params.values())).shape[0]
         batched = task_batched_forward(model) if x.dim() == 4 else None
         if batched is None and vmap_exact(model):
-            return vmap(lambda weights: forward(model, weights, x))(params)
+            return vmap(lambda weights: forward(model, weights, x), randomness="different")(params)
         return (batched or looped_forward(model))(params, x.unsqueeze(0).expand(samples, *x.shape))
 
     return run
+
+
+def refuse_frozen(learner: str, model: nn.Module) -> None:
+    """Raises for a model with frozen parameters: `learner` puts a distribution on every weight.
+
+    Example:
+        >>> refuse_frozen("VAMPIRE", nn.Linear(2, 1))
+    """
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"{learner} puts a distribution on every weight of the model, but {frozen} are frozen "
+                         f"(requires_grad=False): unfreeze them, or use PLATIPUS or MAML, which keep frozen "
+                         f"weights fixed")
 
 
 def check_count(name: str, value: int) -> int:

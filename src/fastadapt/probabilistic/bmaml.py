@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
 from ..functional import Params, adapt
-from .base import SamplingLearner, check_count, stacked_forward
+from .base import SamplingLearner, check_count, refuse_frozen, stacked_forward
 from .svgd import svgd
 
 __all__ = ["BMAML"]
@@ -70,6 +70,7 @@ class BMAML(SamplingLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1, *, eval_inner_steps: int | None = None,
                  particles: int = 5, chaser_steps: int = 1, first_order: bool = False, seed: int = 0,
                  task: TaskKind = "classification") -> None:
+        refuse_frozen("BMAML", model)
         super().__init__(model, samples=particles, eval_samples=particles, seed=seed, task=task)
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")

@@ -78,11 +78,12 @@ class PLATIPUS(SamplingLearner):
     def _stepped(self, x: Tensor, y: Tensor, gamma: Tensor, create_graph: bool) -> Params:
         """`mu - gamma * grad L(mu; x[t], y[t])` for every task t (`x`: `(T, N, ...)`): one
         differentiable gradient step from the prior mean per task, `(T, *p.shape)`, all tasks at
-        once where that is exact (`functional.task_gradients`)."""
+        once where that is exact (`functional.task_gradients`); frozen parameters do not move."""
         mu = self.maml.meta_params()
-        grads = task_gradients(self.model, mu, x, y, lambda out, target: task_loss(self.task, out, target),
-                               create_graph=create_graph)
-        return {n: p - gamma * grads[n] for n, p in mu.items()}
+        trainable = {n: p for n, p in mu.items() if p.requires_grad}
+        grads = task_gradients(self.model, trainable, x, y, lambda out, target: task_loss(self.task, out, target),
+                               frozen={n: p for n, p in mu.items() if n not in trainable}, create_graph=create_graph)
+        return {n: p - gamma * grads[n] if n in grads else p.expand(x.shape[0], *p.shape) for n, p in mu.items()}
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """MAML's query loss from the sampled initialisations (each task `samples` times) plus

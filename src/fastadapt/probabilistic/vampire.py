@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..algorithms.objectives import TaskKind, predictive_mean, task_loss, task_metrics
 from ..data.episodes import TaskBatch
 from ..functional import Params, adapt, sgd
-from .base import SamplingLearner, check_count, stacked_forward
+from .base import SamplingLearner, check_count, refuse_frozen, stacked_forward
 from .gaussian import kl_divergence, log_std_like, reparameterised
 from .sampling import gaussian_noise
 
@@ -55,6 +55,7 @@ class VAMPIRE(SamplingLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1, *, eval_inner_steps: int | None = None,
                  samples: int = 2, eval_samples: int = 10, kl_weight: float = 1e-6, prior_std: float = 0.01,
                  first_order: bool = False, seed: int = 0, task: TaskKind = "classification") -> None:
+        refuse_frozen("VAMPIRE", model)
         super().__init__(model, samples=samples, eval_samples=eval_samples, seed=seed, task=task)
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
