@@ -79,7 +79,8 @@ def test_the_reparameterised_meta_gradient_matches_finite_differences(name, floa
     params = [p for p in learner.parameters() if p.requires_grad]
     loss, _ = learner.meta_loss(batch)
     loss.backward()
-    analytic = torch.cat([p.grad.flatten() for p in params])
+    # (BMAML's particles are its weights: the model's own parameters get no gradient)
+    analytic = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params])
     learner.draws.zero_()  # the same draws again
     if name == "bmaml":  # the leader is a constant of the chaser loss (a stop-gradient): held at its value here
         episodes = [(e.support_x, e.support_y, e.query_x, e.query_y) for e in (batch[t] for t in range(len(batch)))]
@@ -166,6 +167,32 @@ def test_each_probabilistic_learner_learns_omniglot_far_above_chance(name, tmp_p
                               "samples": 2, **({} if name == "bmaml" else {"eval_samples": 4})}, tmp_path / name,
                              progress=False)
     assert result["mean"] > 0.45, result["mean"]  # chance: 0.2
+
+
+@pytest.mark.parametrize("name", ["vampire", "bmaml"])
+def test_vmapped_meta_batch_equals_the_task_by_task_one(float64, name, monkeypatch):
+    import fastadapt.probabilistic.base as base
+    from fastadapt.data import SinusoidTasks
+    from fastadapt.nn import MLP
+
+    def run(vmapped):
+        monkeypatch.setattr(base, "vmap_exact", lambda model: vmapped)
+        torch.manual_seed(0)
+        model = MLP(1, [8, 8], 1).double()
+        learner = (VAMPIRE(model, 0.05, inner_steps=2, samples=3, kl_weight=1e-3, task="regression") if name == "vampire"
+                   else BMAML(model, 0.05, inner_steps=2, particles=3, task="regression"))
+        tasks = SinusoidTasks(seed=0).task_batch(0, 4)
+        batch = TaskBatch(*(t.double() for t in (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)))
+        loss, metrics = learner.meta_loss(batch)
+        loss.backward()
+        return (loss.detach(), metrics, [torch.zeros_like(p) if p.grad is None else p.grad for p in learner.parameters()],
+                int(learner.draws))
+
+    (loss, metrics, grads, draws), (ref_loss, ref_metrics, ref_grads, ref_draws) = run(True), run(False)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10) and draws == ref_draws == 1
+    assert all(torch.allclose(metrics[k], ref_metrics[k], rtol=1e-9) for k in ref_metrics)
+    assert all(torch.allclose(g, r, rtol=1e-8, atol=1e-12) for g, r in zip(grads, ref_grads))
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def _dropout_mlp():

@@ -96,17 +96,15 @@ class BMAML(SamplingLearner):
         return trajectory.points[-1], trajectory.losses[0] / len(self.particles[0])
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean chaser loss over the tasks, back-propagated task by task; metrics of the
-        chaser's predictive mean on the query set."""
-        def task(t: int) -> tuple[Tensor, dict[str, Tensor]]:
-            ep = batch[t]
-            loss, chaser, _, support_loss = self.chaser_loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y)
-            with torch.no_grad():
-                outputs = stacked_forward(self.model)(chaser, ep.query_x)
-            row = task_metrics(self.task, predictive_mean(self.task, outputs, 0), ep.query_y)
+        """The mean chaser loss over the tasks (all at once for a vmap-exact model, else one task's
+        graph alive at a time); metrics of the chaser's predictive mean on the query set."""
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, _: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            loss, chaser, _, support_loss = self.chaser_loss(sx, sy, qx, qy)
+            outputs = stacked_forward(self.model)({n: p.detach() for n, p in chaser.items()}, qx)
+            row = task_metrics(self.task, predictive_mean(self.task, outputs, 0), qy)
             return loss, {**row, "chaser_loss": loss.detach(), "support_loss": support_loss.detach()}
 
-        return self.taskwise_meta_loss(len(batch), task)
+        return self.meta_batch_loss(batch, one_task)
 
     def chaser_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                     leader: Params | None = None) -> tuple[Tensor, Params, Params, Tensor]:

@@ -92,17 +92,14 @@ class PLATIPUS(SamplingLearner):
         posterior_std = dict(zip(self.names, self.posterior_log_std))
         q_means = self._stepped(batch.query_x, batch.query_y, self.gamma_q, create_graph=True)
         p_means = self._stepped(batch.support_x, batch.support_y, self.gamma_p, create_graph=True)
-        initial: dict[str, list[Tensor]] = {n: [] for n in self.names}
-        kls = []
-        for t in range(len(batch)):
-            q_mean = {n: v[t] for n, v in q_means.items()}
-            kls.append(kl_divergence(q_mean, posterior_std, {n: v[t] for n, v in p_means.items()}, prior_std))
-            noise = gaussian_noise(q_mean, self.samples, self.training_generator(t))
-            for n, theta in reparameterised(q_mean, posterior_std, noise).items():
-                initial[n].append(theta)
+        kl = kl_divergence(q_means, posterior_std, p_means, prior_std) / len(batch)  # the mean over tasks
+        draws = [gaussian_noise(self.maml.meta_params(), self.samples, self.training_generator(t))
+                 for t in range(len(batch))]
+        noise = {n: torch.stack([d[n] for d in draws]) for n in self.names}           # (T, S, *p.shape)
+        thetas = reparameterised({n: m.unsqueeze(1) for n, m in q_means.items()}, posterior_std, noise)
+        initial = {n: theta.flatten(0, 1) for n, theta in thetas.items()}            # task t at rows t*S ..
         repeated = _repeat_tasks(batch, self.samples)
-        loss, metrics = self.maml.meta_loss(repeated, initial={n: torch.cat(v) for n, v in initial.items()})
-        kl = torch.stack(kls).mean()
+        loss, metrics = self.maml.meta_loss(repeated, initial=initial)
         self.advance()
         return loss + self.kl_weight * kl, {**metrics, "kl": kl.detach()}
 

@@ -11,7 +11,8 @@ the support set's negative ELBO,
 set at the adapted `q` (the expected query loss plus the weighted KL), differentiated through the
 inner steps (second order, or first order with `first_order`). Predictions average the class
 probabilities (or outputs) of `eval_samples` samples of the adapted `q`. The S samples of a task
-run as one batched graph (`probabilistic.base.stacked_forward`).
+run as one batched graph (`probabilistic.base.stacked_forward`); for a vmap-exact model (an MLP)
+the tasks of a meta-batch run in one vmap call too.
 
 Example:
     >>> import torch
@@ -80,10 +81,10 @@ class VAMPIRE(SamplingLearner):
         kl = kl_divergence(mean, log_std, *prior)
         return expected + self.kl_weight * kl, kl, outputs
 
-    def posterior(self, support_x: Tensor, support_y: Tensor, steps: int, noise: list[Params],
+    def posterior(self, support_x: Tensor, support_y: Tensor, steps: int, noise: Params,
                   first_order: bool) -> tuple[Params, Params, Tensor]:
         """The task's variational mean and log std after `steps` SGD steps on the support set's
-        negative ELBO (`noise[k]`: the samples of step k), and the support loss before adapting."""
+        negative ELBO (`noise[name][k]`: the samples of step k), and the support loss before adapting."""
         prior = self.prior()
         start = {**{f"mean.{n}": p for n, p in prior[0].items()}, **{f"log_std.{n}": s for n, s in prior[1].items()}}
 
@@ -91,32 +92,38 @@ class VAMPIRE(SamplingLearner):
             return ({n: point[f"mean.{n}"] for n in self.names}, {n: point[f"log_std.{n}"] for n in self.names})
 
         def support_loss(point: Params, step: int) -> Tensor:
-            return self._negative_elbo(*split(point), noise[step], support_x, support_y, prior)[0]
+            return self._negative_elbo(*split(point), _at(noise, step), support_x, support_y, prior)[0]
 
         trajectory = adapt(support_loss, start, optimizer=sgd(self.inner_lr), steps=steps, first_order=first_order)
         return (*split(trajectory.points[-1]), trajectory.losses[0])
 
-    def _noise(self, steps: int, samples: int, gen: torch.Generator) -> list[Params]:
+    def _noise(self, steps: int, samples: int, gen: torch.Generator) -> Params:
+        """Standard normal noise `(steps + 1, samples, *p.shape)` per parameter: the samples of each
+        inner step, then the query step's."""
         like = dict(self.model.named_parameters())
-        return [gaussian_noise(like, samples, gen) for _ in range(steps + 1)]
+        per_step = [gaussian_noise(like, samples, gen) for _ in range(steps + 1)]
+        return {n: torch.stack([step[n] for step in per_step]) for n in like}
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean outer loss (expected query loss + kl_weight * KL) over the tasks, back-propagated
-        task by task (one task's graph alive at a time); metrics of the predictive mean."""
-        def task(t: int) -> tuple[Tensor, dict[str, Tensor]]:
-            ep = batch[t]
-            noise = self._noise(self.inner_steps, self.samples, self.training_generator(t))
-            mean, log_std, support_loss = self.posterior(ep.support_x, ep.support_y, self.inner_steps, noise,
-                                                         self.first_order)
-            loss, kl, outputs = self._negative_elbo(mean, log_std, noise[-1], ep.query_x, ep.query_y, self.prior())
-            row = task_metrics(self.task, predictive_mean(self.task, outputs.detach(), 0), ep.query_y)
+        """Mean outer loss (expected query loss + kl_weight * KL) over the tasks (all at once for a
+        vmap-exact model, else one task's graph alive at a time); metrics of the predictive mean."""
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, noise: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            mean, log_std, support_loss = self.posterior(sx, sy, self.inner_steps, noise, self.first_order)
+            loss, kl, outputs = self._negative_elbo(mean, log_std, _at(noise, self.inner_steps), qx, qy, self.prior())
+            row = task_metrics(self.task, predictive_mean(self.task, outputs.detach(), 0), qy)
             return loss, {**row, "kl": kl.detach(), "support_loss": support_loss.detach()}
 
-        return self.taskwise_meta_loss(len(batch), task)
+        draws = [self._noise(self.inner_steps, self.samples, self.training_generator(t)) for t in range(len(batch))]
+        return self.meta_batch_loss(batch, one_task, draws)
 
     def task_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None, samples: int,
                      gen: torch.Generator) -> Params:
         steps = steps or self.eval_inner_steps
         noise = self._noise(steps, samples, gen)
         mean, log_std, _ = self.posterior(support_x, support_y, steps, noise, first_order=True)
-        return {n: w.detach() for n, w in reparameterised(mean, log_std, noise[-1]).items()}
+        return {n: w.detach() for n, w in reparameterised(mean, log_std, _at(noise, steps)).items()}
+
+
+def _at(noise: Params, step: int) -> Params:
+    """Step `step`'s samples of `(steps + 1, samples, ...)` noise."""
+    return {n: v[step] for n, v in noise.items()}
