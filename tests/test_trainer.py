@@ -273,3 +273,27 @@ def test_learning_rate_schedules():
     cosine = Config(schedule="cosine", meta_lr=1.0, iterations=100)
     assert learning_rate(cosine, 1) == 1.0 and abs(learning_rate(cosine, 51) - 0.5) < 1e-12
     assert learning_rate(Config(meta_lr=0.3), 77) == 0.3
+
+
+def test_a_diverging_run_stops_at_the_step_that_diverged_and_keeps_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    # Adam at meta_lr 1e30: step 1's loss is finite, its update is not
+    proc = _cli("run", "--iterations", "6", "--meta-batch", "2", "--eval-episodes", "2", "--threads", "1",
+                "--meta-lr", "1e30", "--log-every", "1", "--checkpoint-every", "1", "--out", str(run))
+    assert proc.returncode == 1, proc.stderr
+    assert "training diverged: the meta-loss is nan at outer step 2" in proc.stderr
+    assert "step-000000001.json, is intact" in proc.stderr and "Traceback" not in proc.stderr
+    tensors, state, _ = latest_checkpoint(run / "checkpoints")
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["1"] and not (run / "results.json").exists()
+
+
+def test_meta_train_names_the_step_whose_loss_is_not_finite():
+    from fastadapt import MAML, SinusoidTasks
+    from fastadapt.nn import MLP
+    from fastadapt.training import meta_train
+    from fastadapt.training.loop import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="nan at outer step 1"):
+        meta_train(MAML(MLP(), 1e20, task="regression"), SinusoidTasks(), iterations=4, meta_batch=2, log_every=2)

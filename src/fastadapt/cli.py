@@ -30,6 +30,7 @@ from .robust.corruptions import WHERE
 from .robust.evaluation import TARGETS
 from .runtime import keep_freed_memory
 from .training.checkpoint import CheckpointError
+from .training.loop import TrainingDiverged
 from .training.config import EXECUTION_KEYS, SECTIONS, Config, ConfigError, describe_expected, field_check, key_kind
 from .training.recipes import parse_overrides, run_recipe
 from .training.robustness_report import condition_label
@@ -419,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ImportError, ValueError) as error:
         print(f"fastadapt: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"fastadapt: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

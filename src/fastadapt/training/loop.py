@@ -9,9 +9,33 @@ from torch import Tensor
 
 from ..data.sampler import TaskSource
 
-__all__ = ["meta_train"]
+__all__ = ["meta_train", "TrainingDiverged", "check_finite_losses"]
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The meta-loss became NaN or infinite: the settings diverge (the message says from which step)."""
+
+
+def check_finite_losses(losses: list[Tensor], last_step: int, advice: str = "") -> None:
+    """Raises `TrainingDiverged` if any of the losses of steps `last_step - len(losses) + 1 ..
+    last_step` is not finite, naming the first such step (one sync for all of them).
+
+    Example:
+        >>> check_finite_losses([torch.tensor(1.0), torch.tensor(float("nan"))], 10)
+        Traceback (most recent call last):
+        ...
+        fastadapt.training.loop.TrainingDiverged: training diverged: the meta-loss is nan at outer step 10. Lower meta_lr or inner_lr and train again.
+    """
+    if not losses:
+        return
+    stacked = torch.stack([loss.detach().float() for loss in losses])
+    bad = ~torch.isfinite(stacked)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise TrainingDiverged(f"training diverged: the meta-loss is {float(stacked[first])} at outer step "
+                               f"{last_step - len(losses) + 1 + first}.{advice} Lower meta_lr or inner_lr and train again.")
 
 
 def meta_train(
@@ -28,6 +52,7 @@ def meta_train(
 
     Metrics stay tensors inside a step; they are read (one sync) only every `log_every` steps,
     averaged over those steps, and passed to `on_step(step, metrics)`. Returns that history.
+    A NaN or infinite loss among them raises `TrainingDiverged` naming its step.
 
     Example:
         >>> from fastadapt import MAML, SinusoidTasks
@@ -51,6 +76,7 @@ def meta_train(
         for name, value in metrics.items():
             window.setdefault(name, []).append(value)
         if step % log_every == 0 or step == iterations:
+            check_finite_losses(window["loss"], step)
             row = {name: float(torch.stack(values).mean()) for name, values in window.items()}
             window.clear()
             history.append({"step": step, **row})

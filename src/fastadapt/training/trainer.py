@@ -36,6 +36,7 @@ from .config import EXECUTION_KEYS, Config, ConfigError
 from .recipes import saved_config
 from .evaluate import Estimate, evaluate_learner, headline_metric
 from .experiment import Experiment, build_experiment
+from .loop import check_finite_losses
 
 __all__ = ["Trainer", "METRIC_COLUMNS", "learning_rate"]
 
@@ -170,7 +171,11 @@ class Trainer:
                 window_tasks += config.meta_batch
                 for name, value in metrics.items():
                     window.setdefault(name, []).append(value)
-                if step % config.log_every == 0 or step == config.iterations:
+                logs = step % config.log_every == 0 or step == config.iterations
+                if logs or step % config.checkpoint_every == 0 or (config.validation_every
+                                                                   and step % config.validation_every == 0):
+                    self._check_finite(window, step)
+                if logs:
                     now = time.perf_counter()
                     state["train_seconds"] += now - window_start
                     row = {name: float(torch.stack(values).mean()) for name, values in window.items()}
@@ -191,6 +196,12 @@ class Trainer:
             batches.close()  # stops the workers of a run that ends early
             if bar is not None:
                 bar.close()
+
+    def _check_finite(self, window: dict[str, list[Tensor]], step: int) -> None:
+        """Before anything of the weights is logged, validated or saved: the window's losses are finite."""
+        newest = sorted(self.checkpoints.glob("step-*.json"))
+        kept = f" The newest checkpoint, {newest[-1]}, is intact." if newest else " No checkpoint was written."
+        check_finite_losses(window.get("loss", []), step, kept)
 
     def _validate(self, experiment: Experiment, state: dict[str, Any], bar: Any) -> None:
         config = self.config
