@@ -170,7 +170,9 @@ def test_each_probabilistic_learner_learns_omniglot_far_above_chance(name, tmp_p
 
 
 @pytest.mark.parametrize("name", ["vampire", "bmaml"])
-def test_vmapped_meta_batch_equals_the_task_by_task_one(float64, name, monkeypatch):
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_vmapped_meta_batch_equals_the_task_by_task_one(float64, name, first_order, kind, monkeypatch):
     import fastadapt.probabilistic.base as base
     from fastadapt.data import SinusoidTasks
     from fastadapt.nn import MLP
@@ -178,11 +180,15 @@ def test_vmapped_meta_batch_equals_the_task_by_task_one(float64, name, monkeypat
     def run(vmapped):
         monkeypatch.setattr(base, "vmap_exact", lambda model: vmapped)
         torch.manual_seed(0)
-        model = MLP(1, [8, 8], 1).double()
-        learner = (VAMPIRE(model, 0.05, inner_steps=2, samples=3, kl_weight=1e-3, task="regression") if name == "vampire"
-                   else BMAML(model, 0.05, inner_steps=2, particles=3, task="regression"))
-        tasks = SinusoidTasks(seed=0).task_batch(0, 4)
-        batch = TaskBatch(*(t.double() for t in (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)))
+        model = MLP(1 if kind == "regression" else 3, [8, 8], 1 if kind == "regression" else 2).double()
+        learner = (VAMPIRE(model, 0.05, inner_steps=2, samples=3, kl_weight=1e-3, task=kind, first_order=first_order)
+                   if name == "vampire" else BMAML(model, 0.05, inner_steps=2, particles=3, task=kind,
+                                                   first_order=first_order))
+        if kind == "regression":
+            tasks = SinusoidTasks(seed=0).task_batch(0, 4)
+            batch = TaskBatch(*(t.double() for t in (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)))
+        else:
+            batch = _tiny_batch(torch.Generator().manual_seed(2))
         loss, metrics = learner.meta_loss(batch)
         loss.backward()
         return (loss.detach(), metrics, [torch.zeros_like(p) if p.grad is None else p.grad for p in learner.parameters()],

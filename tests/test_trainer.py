@@ -282,7 +282,8 @@ def test_a_diverging_run_stops_at_the_step_that_diverged_and_keeps_its_checkpoin
                 "--meta-lr", "1e30", "--log-every", "1", "--checkpoint-every", "1", "--out", str(run))
     assert proc.returncode == 1, proc.stderr
     assert "training diverged: the meta-loss is nan at outer step 2" in proc.stderr
-    assert "step-000000001.json, is intact" in proc.stderr and "Traceback" not in proc.stderr
+    assert "(the newest: step-000000001.json), but resuming repeats the divergence" in proc.stderr
+    assert "Traceback" not in proc.stderr
     tensors, state, _ = latest_checkpoint(run / "checkpoints")
     assert state["step"] == 1 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -297,3 +298,15 @@ def test_meta_train_names_the_step_whose_loss_is_not_finite():
 
     with pytest.raises(TrainingDiverged, match="nan at outer step 1"):
         meta_train(MAML(MLP(), 1e20, task="regression"), SinusoidTasks(), iterations=4, meta_batch=2, log_every=2)
+
+
+def test_weights_that_are_not_finite_stop_the_run_even_after_a_finite_loss(tmp_path):
+    from fastadapt.training.loop import TrainingDiverged
+    from fastadapt.training.trainer import Trainer
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    trainer = Trainer(Config(), tmp_path)
+    with pytest.raises(TrainingDiverged, match="the weights are not finite after outer step 7. No checkpoint"):
+        trainer._check_finite(model, {"meta_loss": [torch.tensor(0.5)]}, 7)

@@ -138,14 +138,15 @@ class SamplingLearner(Learner):
         return loss_with_grads(torch.stack(losses).mean(), trainable, totals), metrics
 
     def meta_batch_loss(self, batch: TaskBatch, one_task: Callable[..., tuple[Tensor, dict[str, Tensor]]],
-                        draws: list[Params] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean of `one_task(support_x, support_y, query_x, query_y, draws[t]) -> (loss, metrics)`
-        over the tasks, and their mean metrics. For a vmap-exact model all tasks run in one
-        `torch.func.vmap` call; otherwise task by task, one task's graph alive at a time
-        (`taskwise_meta_loss`). `draws[t]`: task t's random tensors, drawn before. Advances the draws.
+                        draw: Callable[[int], Params] = lambda t: {}) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean of `one_task(support_x, support_y, query_x, query_y, draw(t)) -> (loss, metrics)`
+        over the tasks, and their mean metrics (`draw(t)`: task t's random tensors). For a
+        vmap-exact model all tasks run in one `torch.func.vmap` call (every task's graph alive at
+        once, as MAML's vmap path); otherwise task by task, one task's graph and draws alive at a
+        time (`taskwise_meta_loss`). Advances the draws.
         """
-        draws = draws or [{} for _ in range(len(batch))]
         if vmap_exact(self.model):
+            draws = [draw(t) for t in range(len(batch))]
             stacked = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
             losses, rows = vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x,
                                                                   batch.query_y, stacked)
@@ -154,7 +155,7 @@ class SamplingLearner(Learner):
 
         def task(t: int) -> tuple[Tensor, dict[str, Tensor]]:
             ep = batch[t]
-            return one_task(ep.support_x, ep.support_y, ep.query_x, ep.query_y, draws[t])
+            return one_task(ep.support_x, ep.support_y, ep.query_x, ep.query_y, draw(t))
 
         return self.taskwise_meta_loss(len(batch), task)
 

@@ -113,8 +113,8 @@ class VAMPIRE(SamplingLearner):
             row = task_metrics(self.task, predictive_mean(self.task, outputs.detach(), 0), qy)
             return loss, {**row, "kl": kl.detach(), "support_loss": support_loss.detach()}
 
-        draws = [self._noise(self.inner_steps, self.samples, self.training_generator(t)) for t in range(len(batch))]
-        return self.meta_batch_loss(batch, one_task, draws)
+        return self.meta_batch_loss(batch, one_task,
+                                    lambda t: self._noise(self.inner_steps, self.samples, self.training_generator(t)))
 
     def task_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None, samples: int,
                      gen: torch.Generator) -> Params:

@@ -18,9 +18,10 @@ class TrainingDiverged(RuntimeError):
     """The meta-loss became NaN or infinite: the settings diverge (the message says from which step)."""
 
 
-def check_finite_losses(losses: list[Tensor], last_step: int, advice: str = "") -> None:
-    """Raises `TrainingDiverged` if any of the losses of steps `last_step - len(losses) + 1 ..
-    last_step` is not finite, naming the first such step (one sync for all of them).
+def check_finite_losses(losses: list[Tensor], last_step: int,
+                        advice: str = " Lower meta_lr or inner_lr and train again.") -> None:
+    """Raises `TrainingDiverged` if any of the meta-losses of steps `last_step - len(losses) + 1 ..
+    last_step` is NaN or infinite, naming the first such step (one sync for all of them).
 
     Example:
         >>> check_finite_losses([torch.tensor(1.0), torch.tensor(float("nan"))], 10)
@@ -30,12 +31,12 @@ def check_finite_losses(losses: list[Tensor], last_step: int, advice: str = "") 
     """
     if not losses:
         return
-    stacked = torch.stack([loss.detach().float() for loss in losses])
+    stacked = torch.stack([loss.detach() for loss in losses])
     bad = ~torch.isfinite(stacked)
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         raise TrainingDiverged(f"training diverged: the meta-loss is {float(stacked[first])} at outer step "
-                               f"{last_step - len(losses) + 1 + first}.{advice} Lower meta_lr or inner_lr and train again.")
+                               f"{last_step - len(losses) + 1 + first}.{advice}")
 
 
 def meta_train(
@@ -67,16 +68,19 @@ def meta_train(
     optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr)
     history: list[dict[str, float]] = []
     window: dict[str, list[Tensor]] = {}
+    losses: list[Tensor] = []
     for step in range(1, iterations + 1):
         batch = source.task_batch((step - 1) * meta_batch, meta_batch)
         optimizer.zero_grad(set_to_none=True)
         loss, metrics = learner.meta_loss(batch)
         loss.backward()
         optimizer.step()
+        losses.append(loss.detach())
         for name, value in metrics.items():
             window.setdefault(name, []).append(value)
         if step % log_every == 0 or step == iterations:
-            check_finite_losses(window["loss"], step)
+            check_finite_losses(losses, step)
+            losses.clear()
             row = {name: float(torch.stack(values).mean()) for name, values in window.items()}
             window.clear()
             history.append({"step": step, **row})

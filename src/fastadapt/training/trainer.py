@@ -36,12 +36,13 @@ from .config import EXECUTION_KEYS, Config, ConfigError
 from .recipes import saved_config
 from .evaluate import Estimate, evaluate_learner, headline_metric
 from .experiment import Experiment, build_experiment
-from .loop import check_finite_losses
+from .loop import TrainingDiverged, check_finite_losses
 
 __all__ = ["Trainer", "METRIC_COLUMNS", "learning_rate"]
 
 METRIC_COLUMNS = ("step", "phase", "loss", "accuracy", "lr", "tasks_per_s", "elapsed_s")
 _KEEP_CHECKPOINTS = 2
+_META_LOSS = "meta_loss"  # the loss back-propagated each step (metrics' `loss` may be a part of it)
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -169,12 +170,12 @@ class Trainer:
                 optimizer.step()
                 state["step"] = step
                 window_tasks += config.meta_batch
-                for name, value in metrics.items():
+                for name, value in {**metrics, _META_LOSS: loss.detach()}.items():
                     window.setdefault(name, []).append(value)
                 logs = step % config.log_every == 0 or step == config.iterations
                 if logs or step % config.checkpoint_every == 0 or (config.validation_every
                                                                    and step % config.validation_every == 0):
-                    self._check_finite(window, step)
+                    self._check_finite(learner, window, step)
                 if logs:
                     now = time.perf_counter()
                     state["train_seconds"] += now - window_start
@@ -197,11 +198,16 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
-    def _check_finite(self, window: dict[str, list[Tensor]], step: int) -> None:
-        """Before anything of the weights is logged, validated or saved: the window's losses are finite."""
+    def _check_finite(self, learner: nn.Module, window: dict[str, list[Tensor]], step: int) -> None:
+        """Before the weights are logged, validated or saved: the window's meta-losses and the
+        weights after `step` are finite."""
         newest = sorted(self.checkpoints.glob("step-*.json"))
-        kept = f" The newest checkpoint, {newest[-1]}, is intact." if newest else " No checkpoint was written."
-        check_finite_losses(window.get("loss", []), step, kept)
+        advice = (f" Checkpoints written before it are kept (the newest: {newest[-1].name}), but resuming repeats "
+                  "the divergence: start a new run with a lower meta_lr or inner_lr." if newest else
+                  " No checkpoint was written. Lower meta_lr or inner_lr and train again.")
+        check_finite_losses(window.get(_META_LOSS, []), step, advice)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in learner.parameters()]).all()):
+            raise TrainingDiverged(f"training diverged: the weights are not finite after outer step {step}.{advice}")
 
     def _validate(self, experiment: Experiment, state: dict[str, Any], bar: Any) -> None:
         config = self.config
