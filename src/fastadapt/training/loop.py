@@ -19,9 +19,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def check_finite_losses(losses: list[Tensor], last_step: int,
-                        advice: str = " Lower meta_lr or inner_lr and train again.") -> None:
+                        advice: Callable[[], str] = lambda: " Lower meta_lr or inner_lr and train again.") -> None:
     """Raises `TrainingDiverged` if any of the meta-losses of steps `last_step - len(losses) + 1 ..
-    last_step` is NaN or infinite, naming the first such step (one sync for all of them).
+    last_step` is NaN or infinite, naming the first such step (one sync for all of them); `advice()`
+    (called only then) ends the message.
 
     Example:
         >>> check_finite_losses([torch.tensor(1.0), torch.tensor(float("nan"))], 10)
@@ -36,7 +37,7 @@ def check_finite_losses(losses: list[Tensor], last_step: int,
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         raise TrainingDiverged(f"training diverged: the meta-loss is {float(stacked[first])} at outer step "
-                               f"{last_step - len(losses) + 1 + first}.{advice}")
+                               f"{last_step - len(losses) + 1 + first}.{advice()}")
 
 
 def meta_train(

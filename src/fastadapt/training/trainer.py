@@ -201,13 +201,18 @@ class Trainer:
     def _check_finite(self, learner: nn.Module, window: dict[str, list[Tensor]], step: int) -> None:
         """Before the weights are logged, validated or saved: the window's meta-losses and the
         weights after `step` are finite."""
-        newest = sorted(self.checkpoints.glob("step-*.json"))
-        advice = (f" Checkpoints written before it are kept (the newest: {newest[-1].name}), but resuming repeats "
-                  "the divergence: start a new run with a lower meta_lr or inner_lr." if newest else
-                  " No checkpoint was written. Lower meta_lr or inner_lr and train again.")
-        check_finite_losses(window.get(_META_LOSS, []), step, advice)
+        check_finite_losses(window.get(_META_LOSS, []), step, self._divergence_advice)
         if not bool(torch.stack([torch.isfinite(p).all() for p in learner.parameters()]).all()):
-            raise TrainingDiverged(f"training diverged: the weights are not finite after outer step {step}.{advice}")
+            raise TrainingDiverged(f"training diverged: the weights are not finite after outer step {step}."
+                                   f"{self._divergence_advice()}")
+
+    def _divergence_advice(self) -> str:
+        """What is left of a diverged run, and what to do (read only when it diverged)."""
+        newest = sorted(self.checkpoints.glob("step-*.json"))
+        if not newest:
+            return " No checkpoint was written. Lower meta_lr or inner_lr and train again."
+        return (f" Checkpoints written before it are kept (the newest: {newest[-1].name}), but resuming repeats "
+                "the divergence: start a new run with a lower meta_lr or inner_lr.")
 
     def _validate(self, experiment: Experiment, state: dict[str, Any], bar: Any) -> None:
         config = self.config
